@@ -1,0 +1,158 @@
+"""The drafter forward against an independent naive reference; batching and incremental context."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_dspark.config import DSparkConfig
+from vllm_dspark.context import ContextGapError, ContextStore
+from vllm_dspark.model.drafter import DSparkDrafter
+from vllm_dspark.checkpoint import init_weights
+
+
+def tiny_cfg(**kw) -> DSparkConfig:
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                intermediate_size=96, vocab_size=101, rms_norm_eps=1e-6, rope_theta=10000.0, block_size=5,
+                mask_token_id=100, target_layer_ids=[1, 3], num_target_layers=6, target_hidden_size=48,
+                markov_rank=8)
+    base.update(kw)
+    return DSparkConfig(**base)
+
+
+def tiny_drafter(seed=0, **kw) -> DSparkDrafter:
+    torch.manual_seed(seed)
+    m = DSparkDrafter(tiny_cfg(**kw))
+    init_weights(m, std=0.2)
+    for p in m.parameters():  # exercise every weight, norms and frozen copies included
+        p.data.add_(0.05 * torch.randn_like(p))
+    return m.double().eval()
+
+
+# ------------------------------------------------------------------ naive reference
+def _rms(x, w, eps):
+    return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def _rope(x, pos, theta):
+    d = x.shape[-1]
+    out = torch.empty_like(x)
+    for i in range(d // 2):
+        f = pos / theta ** (2 * i / d)
+        c, s = math.cos(f), math.sin(f)
+        out[..., i] = x[..., i] * c - x[..., i + d // 2] * s
+        out[..., i + d // 2] = x[..., i + d // 2] * c + x[..., i] * s
+    return out
+
+
+def naive_block(m: DSparkDrafter, features, query_ids, anchor_pos):
+    """One request: features [n, L*Ht] at positions 0..n-1; queries at anchor_pos.. Loops everywhere."""
+    cfg, sd = m.cfg, {k: v.double() for k, v in m.state_dict().items()}
+    H, nh, kvh, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    ctx = _rms(features.double() @ sd["fc.weight"].T, sd["hidden_norm.weight"], cfg.rms_norm_eps)
+    x = sd["embed_tokens.weight"][query_ids]
+    Q = len(query_ids)
+    for li in range(cfg.num_hidden_layers):
+        p = lambda n: sd[f"layers.{li}.{n}"]
+        xn = _rms(x, p("input_layernorm.weight"), cfg.rms_norm_eps)
+        keys, vals = [], []
+        for j in range(ctx.shape[0]):  # context rows: k_proj/v_proj of the projected context, no input norm
+            k = (ctx[j] @ p("self_attn.k_proj.weight").T).view(kvh, d)
+            k = torch.stack([_rope(_rms(k[h], p("self_attn.k_norm.weight"), cfg.rms_norm_eps), j, cfg.rope_theta)
+                             for h in range(kvh)])
+            keys.append(k)
+            vals.append((ctx[j] @ p("self_attn.v_proj.weight").T).view(kvh, d))
+        for i in range(Q):
+            pos = anchor_pos + i
+            k = (xn[i] @ p("self_attn.k_proj.weight").T).view(kvh, d)
+            keys.append(torch.stack([_rope(_rms(k[h], p("self_attn.k_norm.weight"), cfg.rms_norm_eps), pos,
+                                           cfg.rope_theta) for h in range(kvh)]))
+            vals.append((xn[i] @ p("self_attn.v_proj.weight").T).view(kvh, d))
+        attn_out = torch.zeros(Q, nh * d, dtype=torch.float64)
+        for i in range(Q):
+            q = (xn[i] @ p("self_attn.q_proj.weight").T).view(nh, d)
+            for h in range(nh):
+                qh = _rope(_rms(q[h], p("self_attn.q_norm.weight"), cfg.rms_norm_eps), anchor_pos + i, cfg.rope_theta)
+                g = h // (nh // kvh)
+                scores = torch.stack([qh @ kk[g] for kk in keys]) / math.sqrt(d)  # all ctx + whole block
+                w = torch.softmax(scores, 0)
+                attn_out[i, h * d:(h + 1) * d] = sum(w[t] * vals[t][g] for t in range(len(keys)))
+        x = x + attn_out @ p("self_attn.o_proj.weight").T
+        xn = _rms(x, p("post_attention_layernorm.weight"), cfg.rms_norm_eps)
+        act = torch.nn.functional.silu(xn @ p("mlp.gate_proj.weight").T) * (xn @ p("mlp.up_proj.weight").T)
+        x = x + act @ p("mlp.down_proj.weight").T
+    return _rms(x, sd["norm.weight"], cfg.rms_norm_eps)
+
+
+def run_block(m, store, req_ids, anchors, num_drafts):
+    from vllm_dspark.model.drafter import block_attention_mask
+
+    ctx = store.gather(req_ids)
+    qids = m.query_ids(torch.tensor(anchors), num_drafts)
+    qpos = ctx.lengths[:, None] + torch.arange(qids.shape[1])[None]
+    mask = block_attention_mask(ctx.lengths, ctx.k.shape[1], qids.shape[1])
+    with torch.no_grad():
+        return m.block_hidden(qids, qpos, ctx.k, ctx.v, mask)
+
+
+@pytest.mark.parametrize("sample_from_anchor", [True, False])
+def test_block_forward_matches_naive_reference(sample_from_anchor):
+    m = tiny_drafter(sample_from_anchor=sample_from_anchor)
+    torch.manual_seed(1)
+    n = 9
+    feats = torch.randn(n, 2 * 48, dtype=torch.float64)
+    store = ContextStore(m)
+    store.append([("r", 0, feats)])
+    h = run_block(m, store, ["r"], [7], 4)[0]
+    qids = m.query_ids(torch.tensor([7]), 4)[0]
+    ref = naive_block(m, feats, qids, anchor_pos=n)
+    assert h.shape == ref.shape == (4 + m.queries_per_draft, 64)
+    torch.testing.assert_close(h, ref, atol=1e-9, rtol=1e-9)
+
+
+def test_batched_equals_one_by_one_with_different_context_lengths():
+    m = tiny_drafter()
+    torch.manual_seed(2)
+    lengths = [3, 11, 1, 6]
+    store = ContextStore(m, initial_slots=2, initial_capacity=4)  # forces slot and capacity growth
+    feats = {f"r{i}": torch.randn(n, 96, dtype=torch.float64) for i, n in enumerate(lengths)}
+    store.append([(rid, 0, f) for rid, f in feats.items()])
+    anchors = [5, 17, 99, 0]
+    batched = run_block(m, store, list(feats), anchors, 5)
+    for i, rid in enumerate(feats):
+        alone = ContextStore(m)
+        alone.append([(rid, 0, feats[rid])])
+        single = run_block(m, alone, [rid], [anchors[i]], 5)
+        torch.testing.assert_close(batched[i], single[0], atol=1e-10, rtol=1e-10)
+
+
+def test_incremental_context_equals_full_recompute():
+    m = tiny_drafter()
+    torch.manual_seed(3)
+    feats = torch.randn(20, 96, dtype=torch.float64)
+    full, inc = ContextStore(m), ContextStore(m, initial_capacity=2)
+    full.append([("r", 0, feats)])
+    for start, stop in [(0, 7), (7, 8), (8, 15), (15, 20)]:  # prefill chunk, decode steps, accepted runs
+        inc.append([("r", start, feats[start:stop])])
+    a, b = full.gather(["r"]), inc.gather(["r"])
+    assert int(b.lengths[0]) == 20
+    torch.testing.assert_close(a.k, b.k, atol=1e-12, rtol=0)  # only matmul blocking differs
+    torch.testing.assert_close(a.v, b.v, atol=1e-12, rtol=0)
+    # Old positions are never recomputed: the projection only sees the new rows.
+    calls = []
+    orig = m.context_kv
+    m.context_kv = lambda f, p: (calls.append(f.shape[0]), orig(f, p))[1]
+    inc.append([("r", 20, torch.randn(3, 96, dtype=torch.float64))])
+    assert calls == [3]
+
+
+def test_context_gap_is_refused_and_free_releases_slot():
+    m = tiny_drafter()
+    store = ContextStore(m)
+    store.append([("r", 0, torch.randn(4, 96, dtype=torch.float64))])
+    with pytest.raises(ContextGapError, match="rows start at position 6 but its drafter context ends at 4"):
+        store.append([("r", 6, torch.randn(2, 96, dtype=torch.float64))])
+    assert store.length("r") == 4
+    store.free("r")
+    assert len(store) == 0 and store.length("r") == 0

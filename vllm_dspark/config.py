@@ -1,0 +1,264 @@
+"""DSparkConfig: the drafter's typed configuration, read from and written to upstream formats.
+
+Formats read:
+- DeepSpec / vLLM ``Qwen3DSparkModel`` config.json: a Qwen3 config plus DSpark keys (``block_size``,
+  ``mask_token_id``, ``target_layer_ids``, ``markov_rank``, ...). Values may also sit in a nested
+  ``dflash_config`` or ``eagle_config`` (vLLM's precedence: dflash_config > eagle_config > top level) and
+  under vLLM's aliases ``dspark_target_layer_ids``, ``dspark_noise_token_id``, ``dspark_block_size``.
+- speculators ``dspark``: flat config with ``transformer_layer_config`` and ``aux_hidden_state_layer_ids``
+  (= target_layer_ids + 1, vLLM's aux-hidden-state indexing where 0 is the embedding output).
+Written: always the DeepSpec format (``to_dict``), so vLLM's in-tree loader reads what we save.
+
+Every validation error is a :class:`DSparkConfigError` naming the field, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ARCHITECTURE = "Qwen3DSparkModel"
+KNOWN_ARCHITECTURES = ("Qwen3DSparkModel", "Qwen3OmniDSparkModel")
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+SUPPORTED_MARKOV_HEAD_TYPES = ("vanilla",)
+
+
+class DSparkConfigError(ValueError):
+    """A drafter config or checkpoint is not what DSpark needs; the message names field, value, expectation."""
+
+
+def _bad(field_name: str, value: Any, expected: str) -> DSparkConfigError:
+    return DSparkConfigError(f"{field_name}={value!r}: expected {expected}")
+
+
+@dataclass
+class DSparkConfig:
+    # Draft transformer (Qwen3-style layers).
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    # DSpark.
+    block_size: int = 7
+    mask_token_id: int = 0
+    target_layer_ids: list[int] = field(default_factory=list)
+    num_target_layers: int | None = None
+    target_hidden_size: int | None = None  # default: hidden_size
+    draft_vocab_size: int | None = None  # default: vocab_size
+    markov_rank: int = 256
+    markov_head_type: str = "vanilla"
+    enable_confidence_head: bool = True
+    confidence_head_with_markov: bool = True
+    # True (DeepSpec/vLLM dense checkpoints): queries [anchor, MASK x (g-1)], every query predicts the
+    # next token, so block_size drafts. False (speculators default): [anchor, MASK x g], masks predict.
+    sample_from_anchor: bool = True
+    # Keys we do not interpret, kept so a round trip loses nothing.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def ctx_hidden_size(self) -> int:
+        return self.target_hidden_size or self.hidden_size
+
+    @property
+    def draft_vocab(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def has_markov(self) -> bool:
+        return self.markov_rank > 0
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """Most speculative tokens one block can propose (the trained block)."""
+        return self.block_size if self.sample_from_anchor else self.block_size - 1
+
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        """vLLM aux-hidden-state indices (0 = embedding output, i+1 = output of layer i)."""
+        return [i + 1 for i in self.target_layer_ids]
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "DSparkConfig":
+        """Read a DeepSpec/vLLM or speculators config dict (format detected from its keys)."""
+        if raw.get("speculators_model_type") is not None:
+            return cls._from_speculators(raw)
+        return cls._from_deepspec(raw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DSparkConfig":
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise DSparkConfigError(f"config.json: not found at {str(file)!r}: expected a drafter directory")
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise DSparkConfigError(f"config.json at {str(file)!r}: not valid JSON ({e})") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def _from_deepspec(cls, raw: Mapping[str, Any]) -> "DSparkConfig":
+        archs = raw.get("architectures") or []
+        if archs and not any(a in KNOWN_ARCHITECTURES for a in archs):
+            # vLLM silently treats an unknown DSpark architecture as DeepSeek-V4; we refuse.
+            raise _bad("architectures", archs, f"one of {list(KNOWN_ARCHITECTURES)}")
+
+        def pick(name: str, *aliases: str) -> Any:
+            for section in ("dflash_config", "eagle_config"):
+                nested = raw.get(section)
+                if isinstance(nested, Mapping) and nested.get(name) is not None:
+                    return nested[name]
+            for key in (name, *aliases):
+                if raw.get(key) is not None:
+                    return raw[key]
+            return None
+
+        consumed = {
+            "architectures", "dflash_config", "eagle_config", "dspark_target_layer_ids",
+            "dspark_noise_token_id", "dspark_block_size", "model_type",
+        }
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            alias = {
+                "target_layer_ids": ("dspark_target_layer_ids",),
+                "mask_token_id": ("dspark_noise_token_id",),
+                "block_size": ("dspark_block_size",),
+            }.get(f.name, ())
+            value = pick(f.name, *alias)
+            if value is not None:
+                kwargs[f.name] = value
+            consumed.add(f.name)
+        if "head_dim" not in kwargs and "hidden_size" in kwargs and "num_attention_heads" in kwargs:
+            kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+        if "num_key_value_heads" not in kwargs and "num_attention_heads" in kwargs:
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+        missing = [n for n in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                               "vocab_size") if n not in kwargs]
+        if missing:
+            raise _bad(missing[0], None, "an integer in the drafter's config.json")
+        if "target_layer_ids" not in kwargs:
+            raise _bad("target_layer_ids", None, "a non-empty list of target layer ids (0-based)")
+        kwargs["extra"] = {k: v for k, v in raw.items() if k not in consumed}
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def _from_speculators(cls, raw: Mapping[str, Any]) -> "DSparkConfig":
+        kind = raw.get("speculators_model_type")
+        if kind != "dspark":
+            raise _bad("speculators_model_type", kind, "'dspark'")
+        layer_cfg = raw.get("transformer_layer_config")
+        if not isinstance(layer_cfg, Mapping):
+            raise _bad("transformer_layer_config", layer_cfg, "a dict with the draft layers' Qwen3 config")
+        aux = raw.get("aux_hidden_state_layer_ids")
+        if not isinstance(aux, list) or not aux:
+            raise _bad("aux_hidden_state_layer_ids", aux, "a non-empty list (target layer ids + 1)")
+        merged = {k: v for k, v in layer_cfg.items() if k != "architectures"}
+        for key in ("draft_vocab_size", "target_hidden_size", "mask_token_id", "markov_rank", "markov_head_type",
+                    "block_size", "enable_confidence_head", "confidence_head_with_markov"):
+            if raw.get(key) is not None:
+                merged[key] = raw[key]
+        merged["target_layer_ids"] = [int(i) - 1 for i in aux]
+        merged["sample_from_anchor"] = bool(raw.get("sample_from_anchor", False))
+        cfg = cls._from_deepspec(merged)
+        cfg.extra = {"speculators_config": raw.get("speculators_config")} if raw.get("speculators_config") else {}
+        return cfg
+
+    # ---------------------------------------------------------------- writing
+    def to_dict(self) -> dict[str, Any]:
+        """DeepSpec / vLLM ``Qwen3DSparkModel`` format."""
+        out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": "qwen3"}
+        out.update(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[f.name] = getattr(self, f.name)
+        out["num_target_layers"] = self.num_target_layers
+        out.update(hidden_act="silu", attention_bias=False, tie_word_embeddings=False)
+        return out
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "config.json").write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "intermediate_size", "vocab_size", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise _bad(name, value, "a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise _bad("num_key_value_heads", self.num_key_value_heads,
+                       f"a divisor of num_attention_heads={self.num_attention_heads}")
+        if not isinstance(self.markov_rank, int) or self.markov_rank < 0:
+            raise _bad("markov_rank", self.markov_rank, "an integer >= 0 (0 = the Markov-less ablation)")
+        if self.markov_head_type not in MARKOV_HEAD_TYPES:
+            raise _bad("markov_head_type", self.markov_head_type, f"one of {list(MARKOV_HEAD_TYPES)}")
+        if not self.target_layer_ids or not all(isinstance(i, int) and i >= 0 for i in self.target_layer_ids):
+            raise _bad("target_layer_ids", self.target_layer_ids, "a non-empty list of layer ids >= 0")
+        if sorted(set(self.target_layer_ids)) != list(self.target_layer_ids):
+            raise _bad("target_layer_ids", self.target_layer_ids, "unique ids in increasing order")
+        if self.num_target_layers is not None:
+            self._check_layer_range(self.num_target_layers, "num_target_layers")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise _bad("mask_token_id", self.mask_token_id, f"a token id in [0, vocab_size={self.vocab_size})")
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise _bad("draft_vocab_size", self.draft_vocab_size, f"in (0, vocab_size={self.vocab_size}]")
+        if self.max_draft_tokens < 1:
+            raise _bad("block_size", self.block_size, "at least 2 when sample_from_anchor is false")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise _bad(name, value, "a finite positive number")
+
+    def _check_layer_range(self, num_layers: int, source: str) -> None:
+        for i in self.target_layer_ids:
+            if i >= num_layers:
+                raise _bad("target_layer_ids", self.target_layer_ids,
+                           f"ids < {num_layers} ({source}); {i} is out of range")
+            if i == num_layers - 1:
+                raise _bad("target_layer_ids", self.target_layer_ids,
+                           f"no id equal to the final layer {num_layers - 1} ({source}): its output is the "
+                           "final norm's input, DSpark drafts from intermediate layers")
+
+    def check_markov_supported(self) -> None:
+        """The runtime implements the vanilla head; other variants are refused with a clear message."""
+        if self.has_markov and self.markov_head_type not in SUPPORTED_MARKOV_HEAD_TYPES:
+            raise _bad("markov_head_type", self.markov_head_type,
+                       f"one of {list(SUPPORTED_MARKOV_HEAD_TYPES)}: the '{self.markov_head_type}' variant "
+                       "(DeepSpec code, unused by its configs) is not implemented by vllm-dspark yet")
+
+    def check_num_speculative_tokens(self, k: int) -> None:
+        if not isinstance(k, int) or k < 1 or k > self.max_draft_tokens:
+            raise _bad("num_speculative_tokens", k,
+                       f"an integer in [1, {self.max_draft_tokens}] (the drafter was trained with "
+                       f"block_size={self.block_size}; more tokens would be drafted blind)")
+
+    def check_target(self, target: Mapping[str, Any] | Any) -> None:
+        """Validate against a target's HF config (dict or PretrainedConfig)."""
+        get = target.get if isinstance(target, Mapping) else (lambda k, d=None: getattr(target, k, d))
+        text = get("text_config")
+        if text is not None:  # multimodal wrappers keep the LM config nested
+            get = text.get if isinstance(text, Mapping) else (lambda k, d=None: getattr(text, k, d))
+        t_vocab, t_hidden, t_layers = get("vocab_size"), get("hidden_size"), get("num_hidden_layers")
+        if t_vocab is not None and self.vocab_size != t_vocab:
+            raise _bad("vocab_size", self.vocab_size, f"the target's vocab_size={t_vocab} (drafter for another model?)")
+        if t_hidden is not None and self.ctx_hidden_size != t_hidden:
+            raise _bad("target_hidden_size", self.ctx_hidden_size,
+                       f"the target's hidden_size={t_hidden} (drafter for another model?)")
+        if t_layers is not None:
+            self._check_layer_range(int(t_layers), f"the target has {t_layers} layers")

@@ -1,0 +1,75 @@
+"""draft_block: one DSpark round for many requests at once (one backbone pass, then the Markov head).
+
+Convention: p is the target's distribution, q the drafter's. ``q`` returned here is exactly the distribution
+each draft token was sampled from (after temperature, Markov bias and top-k truncation), so a speculative
+sampler that accepts x with probability min(1, p(x)/q(x)) stays lossless. Greedy rows (temperature 0) draft
+the argmax chain and their q is one-hot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_dspark_kernels import markov_head
+
+from .context import ContextBatch
+from .model.drafter import DSparkDrafter, block_attention_mask
+
+
+@dataclass
+class DraftBlock:
+    tokens: torch.Tensor  # [B, g] int64 (target vocab ids)
+    confidence: torch.Tensor | None  # [B, g] float32, c_k = P(k accepted | k-1 accepted), or None
+    q: torch.Tensor | None = None  # [B, g, V] float32 (dense drafting with return_q)
+    q_probs: torch.Tensor | None = None  # [B, g, k] float32 (top-k drafting with return_q)
+    q_ids: torch.Tensor | None = None  # [B, g, k] int64
+
+
+@torch.inference_mode()
+def draft_block(
+    drafter: DSparkDrafter,
+    ctx: ContextBatch,
+    anchor: torch.Tensor,  # [B] int64, the newest token of each request (sits at position ctx.lengths[b])
+    num_drafts: int,
+    *,
+    temperature: torch.Tensor | None = None,  # [B] float32, 0 = greedy; None = all greedy
+    seed: torch.Tensor | None = None,  # [B] int64 per-request seeds for the Gumbel-max draw
+    topk: int = 0,  # 0 = dense Markov head; k > 0 = bias only the top-k base candidates
+    return_q: bool = False,
+) -> DraftBlock:
+    cfg = drafter.cfg
+    bsz = anchor.shape[0]
+    device = anchor.device
+    query_ids = drafter.query_ids(anchor, num_drafts)  # [B, Q]
+    q_len = query_ids.shape[1]
+    lengths = ctx.lengths.to(device)
+    query_pos = lengths[:, None] + torch.arange(q_len, device=device)[None, :]  # [B, Q]
+    mask = block_attention_mask(lengths, ctx.k.shape[1], q_len)
+    h = drafter.prediction_rows(drafter.block_hidden(query_ids, query_pos, ctx.k, ctx.v, mask))  # [B, g, H]
+    base = drafter.base_logits(h)  # [B, g, Vd]
+
+    if temperature is None:
+        temperature = torch.zeros(bsz, dtype=torch.float32, device=device)
+    if seed is None:
+        seed = torch.zeros(bsz, dtype=torch.int64, device=device)
+    conf_w_h = conf_w_e = conf_b = None
+    if drafter.confidence_head is not None:
+        conf_w_h, conf_w_e, conf_b = drafter.confidence_head.split_weights(cfg.hidden_size)
+
+    if drafter.markov_head is not None:
+        w1, w2 = drafter.markov_head.markov_w1.weight, drafter.markov_head.markov_w2.weight
+    else:  # the Markov-less ablation: a zero bias of rank 1 keeps one sampling path for both
+        w1 = base.new_zeros((cfg.vocab_size, 1))
+        w2 = base.new_zeros((cfg.draft_vocab, 1))
+        conf_w_e = None
+    out = markov_head(base, w1, w2, anchor, temperature.float(), seed, topk=topk,
+                      conf_w=None if conf_w_e is None else conf_w_e.float(), return_q=return_q)
+
+    confidence = None
+    if conf_w_h is not None:
+        logit = h.float() @ conf_w_h.float() + conf_b.float()  # [B, g]
+        if out.conf_markov is not None:
+            logit = logit + out.conf_markov
+        confidence = torch.sigmoid(logit)
+    return DraftBlock(out.tokens, confidence, out.q, out.q_probs, out.q_ids)
