@@ -1,0 +1,309 @@
+"""Load-aware block lengths (Algorithm 1), the cost table, and sequential temperature scaling."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_dspark.eval.metrics import calibration_report
+from vllm_dspark.scheduling import (
+    CALIBRATION_FILE,
+    CostTable,
+    apply_temperature,
+    choose_block_lengths,
+    fit_sequential_temperature,
+    fixed_block_lengths,
+    load_calibration,
+    plan_block_lengths,
+    save_calibration,
+)
+
+
+def affine_sps(t0: float, per_token: float):
+    """SPS for a step time t0 + per_token * B: Theta is then unimodal, so the greedy stop is optimal."""
+    return lambda b: 1.0 / (t0 + per_token * b)
+
+
+def theta_of(lengths, surv, sps) -> float:
+    tau = sum(1.0 + surv[r, :l].sum() for r, l in enumerate(lengths))
+    return tau * sps(int(len(lengths) + sum(lengths)))
+
+
+def brute_force(surv, sps, caps):
+    best, best_l = -1.0, None
+    for lengths in itertools.product(*[range(c + 1) for c in caps]):
+        t = theta_of(lengths, surv, sps)
+        if t > best + 1e-12:
+            best, best_l = t, lengths
+    return best, np.asarray(best_l)
+
+
+def random_survival(rng, r, k):
+    cond = rng.uniform(0.2, 1.0, size=(r, k))
+    return np.cumprod(cond, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+
+@pytest.mark.parametrize("per_token", [0.002, 0.02, 0.1, 0.4])
+def test_greedy_matches_brute_force_optimum(per_token):
+    rng = np.random.default_rng(int(per_token * 1000))
+    chosen_totals = set()
+    for _ in range(25):
+        r, k = rng.integers(1, 4), rng.integers(1, 5)
+        surv = random_survival(rng, r, k)
+        caps = rng.integers(0, k + 2, size=r)
+        sps = affine_sps(1.0, per_token)
+        best, best_l = brute_force(surv, sps, np.minimum(caps, k))
+        plan = plan_block_lengths(surv, sps, max_lengths=caps)
+        assert plan.throughput == pytest.approx(best, rel=1e-12)
+        np.testing.assert_array_equal(plan.lengths, best_l)
+        chosen_totals.add(int(plan.lengths.sum()))
+    assert len(chosen_totals) > 1  # the cases really exercise different budgets
+
+
+def test_identical_rows_with_profiled_table_match_brute_force():
+    # A profiled table with affine step time (memory-bound 10 ms + 1 ms per verified token).
+    table = CostTable.from_profile({b: 0.010 + 0.001 * b for b in range(1, 64)})
+    row = np.array([0.9, 0.8, 0.7, 0.55, 0.4])
+    for r in (1, 2, 3):
+        surv = np.tile(row, (r, 1))
+        best, _ = brute_force(surv, table.sps, [5] * r)
+        plan = plan_block_lengths(surv, table)
+        assert plan.throughput == pytest.approx(best, rel=1e-9)
+        assert plan.lengths.max() - plan.lengths.min() <= 1  # identical requests get (nearly) equal blocks
+
+
+def test_early_stop_hand_case():
+    # SPS 100, 100, 80, 50 at B = 1..4: Theta = 100, 190, 192 (take 2), 125 (stop).
+    table = CostTable.from_profile({1: 0.010, 2: 0.010, 3: 0.0125, 4: 0.020})
+    plan = plan_block_lengths(np.array([[0.9, 0.5, 0.1]]), table)
+    assert plan.lengths.tolist() == [2]
+    assert plan.num_tokens == 3
+    assert plan.expected_tokens == pytest.approx(2.4)
+    assert plan.throughput == pytest.approx(192.0)
+
+
+def test_stops_at_first_non_improving_admission():
+    # Theta: 100 -> 95 (stop), although three drafts would give 3.7 * 50 = 185: the rule looks no further.
+    sps = {1: 100.0, 2: 50.0, 3: 50.0, 4: 50.0}.__getitem__
+    plan = plan_block_lengths(np.array([[0.9, 0.9, 0.9]]), sps)
+    assert plan.lengths.tolist() == [0]
+    assert plan.throughput == pytest.approx(100.0)
+
+
+def test_free_verification_takes_every_useful_draft_and_no_useless_one():
+    surv = np.array([[0.9, 0.5, 0.0], [0.3, 0.2, 0.1]])
+    plan = plan_block_lengths(surv, lambda b: 1.0)
+    # A zero-survival draft adds no expected token, so it never raises Theta.
+    assert plan.lengths.tolist() == [2, 3]
+
+
+def test_load_monotonicity_in_cost_slope():
+    rng = np.random.default_rng(0)
+    surv = random_survival(rng, 16, 7)
+    totals = [int(choose_block_lengths(surv, affine_sps(1.0, c)).sum()) for c in np.geomspace(1e-4, 1.0, 30)]
+    assert all(b <= a for a, b in zip(totals, totals[1:])), totals
+    assert totals[0] >= 100 and totals[-1] < 16
+
+
+def test_per_request_length_shrinks_with_concurrency():
+    # Step time flat to 64 tokens, then linear (a memory-bound -> compute-bound knee).
+    table = CostTable.from_profile({b: 0.02 * max(1.0, b / 64) for b in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]})
+    row = np.cumprod(np.full(7, 0.8))
+    means = [choose_block_lengths(np.tile(row, (r, 1)), table).mean() for r in (1, 4, 16, 32, 64, 128, 200)]
+    assert all(b <= a for a, b in zip(means, means[1:])), means
+    assert means[0] == 7 and means[-1] < 2
+
+
+def test_bonus_token_always_verified():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        r, k = rng.integers(1, 9), rng.integers(0, 8)
+        surv = random_survival(rng, r, k) * rng.uniform(0, 1)
+        plan = plan_block_lengths(surv, affine_sps(0.1, rng.uniform(0, 1)))
+        assert (plan.lengths >= 0).all()
+        assert plan.num_tokens == r + plan.lengths.sum() >= r
+    # Zero survival and a very expensive target: bonus tokens only.
+    plan = plan_block_lengths(np.zeros((3, 4)), affine_sps(0.0, 1.0))
+    assert plan.lengths.tolist() == [0, 0, 0] and plan.num_tokens == 3 and plan.expected_tokens == 3.0
+
+
+def test_caps_and_min_length():
+    surv = np.tile([0.99, 0.98, 0.97, 0.96], (4, 1))
+    free = lambda b: 1.0  # noqa: E731
+    assert choose_block_lengths(surv, free, max_lengths=[0, 2, 4, 9]).tolist() == [0, 2, 4, 4]
+    # min_length is granted even when drafting does not pay, but never beyond the cap.
+    costly = affine_sps(0.0, 1.0)
+    assert choose_block_lengths(surv, costly).tolist() == [0, 0, 0, 0]
+    assert choose_block_lengths(surv, costly, max_lengths=[0, 1, 4, 4], min_length=2).tolist() == [0, 1, 2, 2]
+    with pytest.raises(ValueError, match="max_lengths"):
+        choose_block_lengths(surv, free, max_lengths=[1, 2])
+    with pytest.raises(ValueError, match="max_lengths"):
+        choose_block_lengths(surv, free, max_lengths=[1, -1, 2, 2])
+
+
+def test_prefix_property_with_non_monotone_survival():
+    # Slot 2 of request 0 looks great (0.95) but its predecessor is poor (0.2): it must wait for slot 1.
+    surv = np.array([[0.2, 0.95], [0.6, 0.5]])
+    plan = plan_block_lengths(surv, affine_sps(1.0, 0.25))
+    assert plan.lengths.tolist() == [0, 2]
+    assert plan.expected_tokens == pytest.approx(2 + 0.6 + 0.5)
+    # Whatever is chosen, the reported tau is that of the prefixes.
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        s = rng.uniform(0, 1, size=(5, 6))
+        p = plan_block_lengths(s, affine_sps(1.0, rng.uniform(0, 0.3)))
+        assert p.expected_tokens == pytest.approx(sum(1 + s[r, :l].sum() for r, l in enumerate(p.lengths)))
+
+
+def test_torch_input_and_cost_table_agree_with_callable():
+    rng = np.random.default_rng(3)
+    surv = random_survival(rng, 8, 6)
+    table = CostTable.from_profile({b: 0.01 + 0.0005 * b for b in range(1, 80)})
+    a = plan_block_lengths(torch.tensor(surv, dtype=torch.float32), table)
+    b = plan_block_lengths(surv, lambda n: table.sps(n))
+    np.testing.assert_array_equal(a.lengths, b.lengths)
+    assert a.num_tokens == b.num_tokens
+
+
+def test_empty_and_degenerate_inputs():
+    assert plan_block_lengths(np.zeros((0, 4)), lambda b: 1.0).lengths.shape == (0,)
+    plan = plan_block_lengths(np.zeros((3, 0)), lambda b: 2.0)
+    assert plan.lengths.tolist() == [0, 0, 0] and plan.throughput == 6.0
+    with pytest.raises(ValueError, match="nan"):
+        plan_block_lengths(np.array([[np.nan]]), lambda b: 1.0)
+
+
+def test_fixed_block_lengths():
+    assert fixed_block_lengths(3, 7).tolist() == [7, 7, 7]
+    assert fixed_block_lengths(3, 7, max_lengths=[0, 3, 10]).tolist() == [0, 3, 7]
+
+
+# ---------------------------------------------------------------------------------------------- cost table
+
+
+def test_cost_table_is_monotone_on_noisy_profile():
+    table = CostTable.from_profile({1: 0.010, 2: 0.009, 4: 0.012, 8: 0.011, 16: 0.020, 64: 0.030})
+    sps = table.sps_many(np.arange(1, 300))
+    assert (np.diff(sps) <= 1e-15).all()
+    assert table.seconds(1) == pytest.approx(table.seconds(2))  # pooled violators
+    assert table.seconds(200) > table.seconds(64)  # grows beyond the profile
+    assert table.seconds(128) >= 0.030 * 2 - 1e-12  # at least compute-bound growth
+    assert CostTable.from_profile({4: 0.01, 8: 0.02}).seconds(1) == pytest.approx(0.01)  # flat below
+
+
+def test_cost_table_online_update_moves_estimate():
+    table = CostTable.from_profile({1: 0.01, 8: 0.01, 64: 0.1}, alpha=0.2)
+    before = table.seconds(8)
+    table.observe(8, 0.05)
+    after_one = table.seconds(8)
+    assert before < after_one < 0.05  # moved, but one step does not define the bucket
+    for _ in range(60):
+        table.observe(8, 0.05)
+    assert table.seconds(8) == pytest.approx(0.05, rel=1e-3)
+    # Observations that contradict monotonicity are pooled, not trusted: 32 now looks slower than 64.
+    for _ in range(60):
+        table.observe(32, 0.2)
+    assert table.to_dict()["buckets"]["32"][0] == pytest.approx(0.2, rel=1e-3)
+    assert (np.diff(table.sps_many(np.arange(1, 100))) <= 1e-15).all()
+    assert table.seconds(32) == pytest.approx(table.seconds(64))
+
+    # A bucket never profiled starts from the interpolated prior.
+    t2 = CostTable.from_profile({1: 0.01, 100: 0.2}, alpha=0.1)
+    prior = t2.seconds(50)
+    t2.observe(50, 0.15)
+    assert t2.seconds(50) == pytest.approx(0.9 * prior + 0.1 * 0.15)
+
+
+def test_cost_table_buckets_and_round_trip():
+    table = CostTable(significant_bits=6)
+    assert [table.bucket(b) for b in (1, 63, 64, 65, 130)] == [1, 63, 64, 64, 128]
+    table = CostTable.from_profile({1: 0.01, 16: 0.012, 256: 0.05})
+    table.observe(40, 0.02)
+    clone = CostTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    b = np.arange(1, 1000)
+    np.testing.assert_allclose(clone.sps_many(b), table.sps_many(b))
+
+
+def test_empty_cost_table_means_free_verification():
+    table = CostTable()
+    assert table.sps(1) == table.sps(1000) == 1.0
+    assert choose_block_lengths(np.full((2, 3), 0.5), table).tolist() == [3, 3]
+    table.observe(4, 0.02)  # first observation defines the table
+    assert table.seconds(4) == pytest.approx(0.02)
+
+
+def test_cost_table_validates():
+    with pytest.raises(ValueError, match="seconds"):
+        CostTable.from_profile({4: 0.0})
+    with pytest.raises(ValueError, match="num_tokens"):
+        CostTable().observe(0, 0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        CostTable(alpha=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+
+def synthetic_rounds(rng, n, k, overconfidence):
+    """True per-round conditional acceptances, sequential accept outcomes, over-confident logits."""
+    p = rng.uniform(0.15, 0.97, size=(n, k))
+    accepted = (rng.uniform(size=(n, k)) < p).cumprod(axis=1).sum(axis=1)
+    z = overconfidence * np.log(p / (1 - p))
+    return z, accepted
+
+
+def test_sts_lowers_ece_on_held_out_rounds():
+    rng = np.random.default_rng(4)
+    k = 5
+    z_fit, acc_fit = synthetic_rounds(rng, 20000, k, overconfidence=3.0)
+    z_test, acc_test = synthetic_rounds(rng, 20000, k, overconfidence=3.0)
+    temps = fit_sequential_temperature(z_fit, acc_fit, num_bins=10)
+    assert temps.shape == (k,)
+    assert 2.0 < temps[0] < 4.5  # undoes the 3x over-confidence at the first position
+    before = calibration_report(apply_temperature(z_test, np.ones(k)), acc_test)["ece"]
+    after = calibration_report(apply_temperature(z_test, temps), acc_test)["ece"]
+    for k_, (b, a) in enumerate(zip(before, after), start=1):
+        assert a < 0.5 * b and a < 0.03, (k_, b, a)
+
+
+def test_sts_leaves_calibrated_logits_near_one_and_respects_drafted():
+    rng = np.random.default_rng(5)
+    z, acc = synthetic_rounds(rng, 20000, 3, overconfidence=1.0)
+    temps = fit_sequential_temperature(z, acc)
+    assert np.all((temps > 0.7) & (temps < 1.4)), temps
+    # Rounds that drafted fewer positions do not vote for the later ones; no round reached k=3 -> 1.0.
+    drafted = np.minimum(2, rng.integers(1, 4, size=z.shape[0]))
+    temps2 = fit_sequential_temperature(z * 3.0, np.minimum(acc, drafted), drafted=drafted)
+    assert temps2[2] == 1.0 and temps2[0] > 2.0
+
+
+def test_apply_temperature_numpy_and_torch_agree():
+    z = np.array([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    temps = np.array([2.0, 0.5, 1.0])
+    expected = np.cumprod(1 / (1 + np.exp(-z / temps)), axis=1)
+    np.testing.assert_allclose(apply_temperature(z, temps), expected, rtol=1e-12)
+    got = apply_temperature(torch.tensor(z, dtype=torch.float64), temps)
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(apply_temperature(z[:, :2], temps), expected[:, :2])
+    with pytest.raises(ValueError, match="temperatures"):
+        apply_temperature(z, temps[:2])
+
+
+def test_calibration_json_round_trip(tmp_path):
+    temps = np.array([1.5, 2.25, 0.75])
+    path = save_calibration(tmp_path, temps, {"drafter": "toy", "rounds": 123})
+    assert path.endswith(CALIBRATION_FILE)
+    loaded, meta = load_calibration(tmp_path)
+    np.testing.assert_array_equal(loaded, temps)
+    assert meta == {"drafter": "toy", "rounds": 123}
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other", "temperatures": [1.0]}))
+    with pytest.raises(ValueError, match="format"):
+        load_calibration(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="positive"):
+        save_calibration(tmp_path / "x.json", [1.0, -1.0])

@@ -1,0 +1,432 @@
+"""Load-aware draft block lengths (DSpark paper, Algorithm 1) and the tables it needs.
+
+Pure numpy (torch tensors are accepted and converted); imports no vLLM.
+
+The policy trades expected accepted tokens against the target's slower steps at larger batches:
+
+* every request r always verifies its bonus token, and ``l_r`` drafts on top: B = sum_r (1 + l_r);
+* expected tokens per step tau = sum_r (1 + sum_{j <= l_r} a_{r,j}), with a_{r,j} the (calibrated)
+  survival probability that draft j of request r is accepted;
+* Theta = tau * SPS(B) = expected tokens per second, with SPS(B) the target's steps per second when
+  verifying B tokens (:class:`CostTable`).
+
+Slots are admitted greedily in order of decreasing survival; the first admission that does not increase
+Theta is undone and the search stops.  Survival is calibrated by sequential temperature scaling
+(:func:`fit_sequential_temperature`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from vllm_dspark.eval.metrics import expected_calibration_error
+
+__all__ = [
+    "CALIBRATION_FILE",
+    "BlockPlan",
+    "CostTable",
+    "apply_temperature",
+    "choose_block_lengths",
+    "fit_sequential_temperature",
+    "fixed_block_lengths",
+    "load_calibration",
+    "plan_block_lengths",
+    "save_calibration",
+]
+
+CALIBRATION_FILE = "dspark_calibration.json"
+
+
+def _to_numpy(x, dtype=np.float64) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cost table
+
+
+def _isotonic_increasing(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    vals: list[float] = []
+    wts: list[float] = []
+    sizes: list[int] = []
+    for yi, wi in zip(y.tolist(), w.tolist()):
+        vals.append(yi)
+        wts.append(wi)
+        sizes.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            w2 = wts[-2] + wts[-1]
+            v2 = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / w2
+            s2 = sizes[-2] + sizes[-1]
+            del vals[-1], wts[-1], sizes[-1]
+            vals[-1], wts[-1], sizes[-1] = v2, w2, s2
+    return np.repeat(np.asarray(vals), sizes)
+
+
+class CostTable:
+    """Target steps per second SPS(B) as a function of B, the number of tokens verified in one step.
+
+    Seconds per step are kept per bucket of B (every integer below ``2**significant_bits``, then
+    ``significant_bits`` significant bits, i.e. within ~3% of B) as an exponential moving average with
+    weight ``alpha`` per new observation.  Queries fit a non-decreasing step time over the buckets
+    (pool adjacent violators, so one noisy bucket cannot make a bigger batch look faster), interpolate
+    linearly between buckets, hold the smallest bucket's time below it, and above the largest bucket grow at
+    least in proportion to B (compute-bound).  Hence ``sps`` is non-increasing in B, which the greedy policy
+    needs.  A table with no data returns SPS = 1 for every B (verification treated as free: the policy then
+    drafts as much as the caps allow).
+
+    A bucket first observed online starts from the table's current estimate (its prior) and moves towards
+    the observations, so one outlier step does not define it.
+    """
+
+    def __init__(self, alpha: float = 0.1, significant_bits: int = 6):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if significant_bits < 1:
+            raise ValueError(f"significant_bits must be >= 1, got {significant_bits}")
+        self.alpha = float(alpha)
+        self.significant_bits = int(significant_bits)
+        self._seconds: dict[int, float] = {}  # bucket -> EMA seconds per step
+        self._counts: dict[int, int] = {}  # bucket -> observations folded in
+        self._fit: tuple[np.ndarray, np.ndarray] | None = None  # cached (keys, monotone seconds)
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_profile(cls, profile: Mapping[int, float], **kwargs) -> CostTable:
+        """Table from a startup profile ``{num_tokens: seconds_per_step}``."""
+        table = cls(**kwargs)
+        for b, sec in sorted(profile.items()):
+            b, sec = int(b), float(sec)
+            table._check(b, sec)
+            key = table.bucket(b)
+            # Several profile points in one bucket: average them.
+            n = table._counts.get(key, 0)
+            table._seconds[key] = (table._seconds.get(key, 0.0) * n + sec) / (n + 1)
+            table._counts[key] = n + 1
+        return table
+
+    def bucket(self, num_tokens: int) -> int:
+        """Bucket key of ``num_tokens``: B rounded down to ``significant_bits`` significant bits."""
+        shift = max(0, int(num_tokens).bit_length() - self.significant_bits)
+        return (int(num_tokens) >> shift) << shift
+
+    @staticmethod
+    def _check(num_tokens: int, seconds: float) -> None:
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"seconds must be positive and finite, got {seconds}")
+
+    # -- online update ---------------------------------------------------------------------------------
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        """Fold in one measured target step that verified ``num_tokens`` tokens in ``seconds``."""
+        num_tokens, seconds = int(num_tokens), float(seconds)
+        self._check(num_tokens, seconds)
+        key = self.bucket(num_tokens)
+        if key in self._seconds:
+            prior = self._seconds[key]
+        elif self._seconds:
+            prior = self.seconds(key)
+        else:
+            prior = seconds
+        self._seconds[key] = (1.0 - self.alpha) * prior + self.alpha * seconds
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._fit = None
+
+    # -- queries ---------------------------------------------------------------------------------------
+    def _monotone(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._fit is None:
+            keys = np.asarray(sorted(self._seconds), dtype=np.float64)
+            secs = np.asarray([self._seconds[int(k)] for k in keys])
+            self._fit = (keys, _isotonic_increasing(secs, np.ones_like(secs)))
+        return self._fit
+
+    def seconds_many(self, num_tokens) -> np.ndarray:
+        """Estimated seconds per step for each B in ``num_tokens`` (non-decreasing in B)."""
+        b = np.asarray(num_tokens, dtype=np.float64)
+        if not self._seconds:
+            return np.ones_like(b)
+        keys, secs = self._monotone()
+        out = np.interp(b, keys, secs)  # holds the end values outside [keys[0], keys[-1]]
+        hi = b > keys[-1]
+        if hi.any():
+            slope = secs[-1] / keys[-1]
+            if keys.size > 1:
+                slope = max(slope, (secs[-1] - secs[-2]) / (keys[-1] - keys[-2]))
+            out[hi] = secs[-1] + slope * (b[hi] - keys[-1])
+        return out
+
+    def seconds(self, num_tokens: int) -> float:
+        return float(self.seconds_many([num_tokens])[0])
+
+    def sps_many(self, num_tokens) -> np.ndarray:
+        """Steps per second for each B in ``num_tokens`` (non-increasing in B)."""
+        return 1.0 / self.seconds_many(num_tokens)
+
+    def sps(self, num_tokens: int) -> float:
+        """Steps per second when verifying ``num_tokens`` tokens in one step."""
+        return 1.0 / self.seconds(num_tokens)
+
+    __call__ = sps
+
+    def __len__(self) -> int:
+        return len(self._seconds)
+
+    # -- serialisation ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "significant_bits": self.significant_bits,
+            "buckets": {str(k): [self._seconds[k], self._counts[k]] for k in sorted(self._seconds)},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> CostTable:
+        table = cls(alpha=data["alpha"], significant_bits=data["significant_bits"])
+        for key, (sec, count) in data["buckets"].items():
+            table._check(int(key), float(sec))
+            table._seconds[int(key)] = float(sec)
+            table._counts[int(key)] = int(count)
+        return table
+
+
+# --------------------------------------------------------------------------------------------------------
+# Block-length policy
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Outcome of the load-aware policy for one scheduling step.
+
+    lengths:          [R] drafts per request (the bonus token comes on top).
+    num_tokens:       B = sum_r (1 + lengths_r), tokens the target verifies.
+    expected_tokens:  tau = sum_r (1 + sum_{j <= l_r} a_{r,j}), expected tokens emitted this step.
+    throughput:       Theta = tau * SPS(B), expected tokens per second.
+    """
+
+    lengths: np.ndarray
+    num_tokens: int
+    expected_tokens: float
+    throughput: float
+
+
+def _caps(num_requests: int, k: int, max_lengths) -> np.ndarray:
+    if max_lengths is None:
+        return np.full(num_requests, k, dtype=np.int64)
+    caps = _to_numpy(max_lengths, np.int64).reshape(-1)
+    if caps.shape[0] != num_requests:
+        raise ValueError(f"max_lengths has {caps.shape[0]} entries for {num_requests} requests")
+    if (caps < 0).any():
+        raise ValueError(f"max_lengths must be >= 0, got {caps.tolist()}")
+    return np.minimum(caps, k)
+
+
+def fixed_block_lengths(num_requests: int, k: int, max_lengths=None) -> np.ndarray:
+    """Fixed-K drafting: every request drafts min(K, its cap)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return _caps(num_requests, k, max_lengths)
+
+
+def plan_block_lengths(
+    survival, cost: CostTable | Callable[[int], float], max_lengths=None, min_length: int = 0
+) -> BlockPlan:
+    """Load-aware draft lengths (paper Algorithm 1).
+
+    Args:
+        survival:    [R, K] survival a_{r,j} in [0, 1] of draft slot j of request r (non-increasing along K
+                     when it is a product of confidences).
+        cost:        a :class:`CostTable` or any callable B -> steps per second, non-increasing in B.
+        max_lengths: [R] per-request cap on drafts (tokens left before max_model_len, a user cap; 0 = none).
+        min_length:  drafts every request gets regardless of load (still capped by ``max_lengths``).
+
+    Slots are taken in order of decreasing survival (ties: lower j, then lower r), a slot only after its
+    predecessor: ordering uses the running minimum of each row, which equals the survival for well-formed
+    input and otherwise defers a slot until its predecessor is in.  The first admission that does not
+    strictly increase Theta is undone and the search stops; the decision for a slot depends only on slots
+    ranked before it.
+    """
+    a = _to_numpy(survival)
+    if a.ndim != 2:
+        raise ValueError(f"survival must be [R, K], got shape {a.shape}")
+    if np.isnan(a).any():
+        raise ValueError("survival contains nan")
+    a = np.clip(a, 0.0, 1.0)
+    num_requests, k = a.shape
+    if min_length < 0:
+        raise ValueError(f"min_length must be >= 0, got {min_length}")
+    caps = _caps(num_requests, k, max_lengths)
+    forced = np.minimum(caps, min_length)
+
+    if num_requests == 0:
+        return BlockPlan(np.zeros(0, dtype=np.int64), 0, 0.0, 0.0)
+
+    j = np.arange(k)[None, :]  # 0-based slot index
+    is_forced = j < forced[:, None]
+    candidate = (j < caps[:, None]) & ~is_forced
+    num_tokens0 = num_requests + int(forced.sum())
+    tau0 = num_requests + float(a[is_forced].sum())
+
+    # Candidates ranked by (running-min survival desc, j asc, r asc).
+    key = np.minimum.accumulate(a, axis=1)
+    rr, jj = np.nonzero(candidate)
+    order = np.lexsort((rr, jj, -key[rr, jj]))
+    rr, jj = rr[order], jj[order]
+    n = rr.shape[0]
+
+    bs = num_tokens0 + np.arange(n + 1)  # B after admitting 0..n candidates
+    if isinstance(cost, CostTable):
+        sps = cost.sps_many(bs)
+    else:
+        sps = _lazy_sps(cost, bs, a[rr, jj], tau0)
+    tau = tau0 + np.concatenate([[0.0], np.cumsum(a[rr, jj])])
+    theta = tau[: sps.shape[0]] * sps
+    stop = np.flatnonzero(theta[1:] <= theta[:-1])
+    admitted = int(stop[0]) if stop.size else theta.shape[0] - 1
+
+    lengths = forced + np.bincount(rr[:admitted], minlength=num_requests).astype(np.int64)
+    return BlockPlan(lengths, int(bs[admitted]), float(tau[admitted]), float(theta[admitted]))
+
+
+def _lazy_sps(cost: Callable[[int], float], bs: np.ndarray, a_sorted: np.ndarray, tau0: float) -> np.ndarray:
+    """Evaluate a user cost callable only up to the stopping point (it may be expensive)."""
+    out = [float(cost(int(bs[0])))]
+    tau = tau0
+    for i in range(1, bs.shape[0]):
+        out.append(float(cost(int(bs[i]))))
+        new_tau = tau + a_sorted[i - 1]
+        if new_tau * out[-1] <= tau * out[-2]:
+            break
+        tau = new_tau
+    return np.asarray(out)
+
+
+def choose_block_lengths(
+    survival, cost: CostTable | Callable[[int], float], max_lengths=None, min_length: int = 0
+) -> np.ndarray:
+    """[R] draft lengths from :func:`plan_block_lengths`."""
+    return plan_block_lengths(survival, cost, max_lengths, min_length).lengths
+
+
+# --------------------------------------------------------------------------------------------------------
+# Calibration: sequential temperature scaling (STS)
+
+_DEFAULT_GRID = np.geomspace(0.05, 20.0, 200)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
+
+
+def _ece_rows(p: np.ndarray, y: np.ndarray, num_bins: int) -> np.ndarray:
+    """ECE of each row of p [G, N] against labels y [N] (same equal-width bins as the metric)."""
+    g, n = p.shape
+    idx = np.clip((p * num_bins).astype(np.int64), 0, num_bins - 1) + num_bins * np.arange(g)[:, None]
+    gap = np.bincount(idx.ravel(), weights=(y[None, :] - p).ravel(), minlength=g * num_bins)
+    return np.abs(gap.reshape(g, num_bins)).sum(1) / n
+
+
+def fit_sequential_temperature(
+    z, accepted_len, num_bins: int = 10, drafted=None, grid=None
+) -> np.ndarray:
+    """Per-position temperatures t_1..t_K by sequential temperature scaling.
+
+    c_k = sigmoid(z_k / t_k) and survival a_k = prod_{i<=k} c_i.  Left to right, t_k is the grid value that
+    minimises the ECE of a_k against the label ``accepted_len >= k`` with t_1..t_{k-1} already fixed.
+    Among equally good temperatures the one closest to 1 (in log space) wins, so a position with no signal
+    is left alone.
+
+    Args:
+        z:            [N, K] confidence logits (pre-sigmoid) per draft position.
+        accepted_len: [N] accepted drafts per round (0..K).
+        num_bins:     ECE bins.
+        drafted:      [N] drafts per round (default K); position k is fitted only on rounds with drafted >= k.
+        grid:         candidate temperatures (default 200 log-spaced points in [0.05, 20]).
+    Returns:
+        [K] temperatures (1.0 for a position no round reached).
+    """
+    zz = _to_numpy(z)
+    if zz.ndim != 2:
+        raise ValueError(f"z must be [N, K], got shape {zz.shape}")
+    n, k_max = zz.shape
+    acc = _to_numpy(accepted_len, np.int64).reshape(-1)
+    dr = np.full(n, k_max, dtype=np.int64) if drafted is None else _to_numpy(drafted, np.int64).reshape(-1)
+    if acc.shape[0] != n or dr.shape[0] != n:
+        raise ValueError(f"z has {n} rows but accepted_len has {acc.shape[0]} and drafted {dr.shape[0]}")
+    temps_grid = _DEFAULT_GRID if grid is None else np.asarray(grid, dtype=np.float64)
+    if temps_grid.ndim != 1 or temps_grid.size == 0 or (temps_grid <= 0).any():
+        raise ValueError("grid must be a non-empty 1-D array of positive temperatures")
+    closeness = np.abs(np.log(temps_grid))
+
+    temps = np.ones(k_max)
+    prefix = np.ones(n)  # a_{k-1} per round with the temperatures fitted so far
+    for k in range(k_max):
+        m = dr >= k + 1
+        if m.any():
+            y = (acc[m] >= k + 1).astype(np.float64)
+            zk, pk = zz[m, k], prefix[m]
+            # Chunk the grid so the [G, N] matrix stays small for large N.
+            step = max(1, 2_000_000 // max(1, zk.size))
+            eces = np.concatenate([
+                _ece_rows(pk[None, :] * _sigmoid(zk[None, :] / temps_grid[i:i + step, None]), y, num_bins)
+                for i in range(0, temps_grid.size, step)
+            ])
+            best = np.flatnonzero(eces <= eces.min() + 1e-12)
+            temps[k] = temps_grid[best[np.argmin(closeness[best])]]
+        prefix = prefix * _sigmoid(zz[:, k] / temps[k])
+    return temps
+
+
+def apply_temperature(z, temps):
+    """[N, K] logits -> [N, K] calibrated survival cumprod(sigmoid(z / t)).
+
+    Accepts numpy or torch (result on the same device).  ``z`` may have fewer positions than ``temps``.
+    """
+    t = np.asarray(temps, dtype=np.float64).reshape(-1)
+    k = z.shape[-1]
+    if k > t.shape[0]:
+        raise ValueError(f"z has {k} positions but only {t.shape[0]} temperatures")
+    t = t[:k]
+    if hasattr(z, "sigmoid"):  # torch
+        return (z / z.new_tensor(t)).sigmoid().cumprod(-1)
+    return np.cumprod(_sigmoid(_to_numpy(z) / t), axis=-1)
+
+
+def save_calibration(path: str | os.PathLike, temps, meta: Mapping | None = None) -> str:
+    """Write temperatures (and free-form metadata) as JSON; a directory gets ``CALIBRATION_FILE``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CALIBRATION_FILE)
+    t = np.asarray(temps, dtype=np.float64).reshape(-1)
+    _check_temps(t, path)
+    with open(path, "w") as f:
+        json.dump({"format": "dspark-sts", "version": 1, "temperatures": t.tolist(), "meta": dict(meta or {})},
+                  f, indent=2)
+    return path
+
+
+def load_calibration(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read ``(temperatures [K], meta)`` written by :func:`save_calibration`."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CALIBRATION_FILE)
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("format") != "dspark-sts":
+        raise ValueError(f"{path}: format={data.get('format')!r}, expected 'dspark-sts'")
+    t = np.asarray(data["temperatures"], dtype=np.float64)
+    _check_temps(t, path)
+    return t, dict(data.get("meta", {}))
+
+
+def _check_temps(t: np.ndarray, where: str) -> None:
+    if t.ndim != 1 or not np.isfinite(t).all() or (t <= 0).any():
+        raise ValueError(f"{where}: temperatures must be positive and finite, got {t.tolist()}")
