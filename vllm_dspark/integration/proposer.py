@@ -1,0 +1,230 @@
+"""DSparkProposer: the ``custom_class`` proposer vLLM builds, wrapping the core drafter.
+
+User config (offline ``LLM(...)`` or ``vllm serve``)::
+
+    speculative_config={"method": "custom_class", "model": "vllm_dspark.DSparkProposer",
+                        "num_speculative_tokens": K}
+    additional_config={"dspark": {"drafter": "/path/to/drafter", ...}}
+
+One engine step, as the compat wrappers drive it: ``on_finished`` (free state) -> ``ingest`` (project the
+verified rows into each request's context, once) -> ``set_batch`` (request ids and sampling params of the
+batch) -> ``propose`` (ONE batched ``draft_block`` for every request that can draft) -> ``take_draft_probs``
+(q for the rejection sampler).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_drafter, read_weights, validate_weights
+from ..config import DSparkConfig, DSparkConfigError
+from ..context import ContextGapError, ContextStore
+from ..drafting import draft_block
+from . import compat
+from .compat import StepRows
+
+logger = logging.getLogger("vllm_dspark")
+
+
+@dataclass
+class DSparkSettings:
+    """``additional_config["dspark"]``: the plugin's own settings (vLLM rejects extra speculative keys)."""
+
+    drafter: str = ""
+    # Bias only the top-k base candidates in the Markov head (0 = dense). On CPU the dense head would cost
+    # ~40% of the drafter's LM head (r/H); top-k makes it negligible. q is then the truncated distribution.
+    topk: int = 32
+    # Hand q to vLLM's rejection sampler for requests with temperature > 0 (speculative sampling).
+    probabilistic: bool = True
+    # Drafter compute dtype: "auto" = float32 on CPU (no bf16 units on AVX2), the target's dtype on GPU.
+    dtype: str = "auto"
+
+    @classmethod
+    def from_additional_config(cls, additional: Any) -> "DSparkSettings":
+        raw = (additional or {}).get("dspark") if isinstance(additional, dict) else None
+        if not isinstance(raw, dict):
+            raise DSparkConfigError('additional_config["dspark"]: missing; expected {"drafter": "<drafter dir>", ...} '
+                                    "(e.g. --additional-config '{\"dspark\": {\"drafter\": \"DIR\"}}')")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise DSparkConfigError(f'additional_config["dspark"]: unknown key(s) {unknown}; expected only {sorted(known)}')
+        s = cls(**raw)
+        if not isinstance(s.drafter, str) or not s.drafter:
+            raise DSparkConfigError(f'additional_config["dspark"]["drafter"]={s.drafter!r}: expected a drafter directory')
+        if not isinstance(s.topk, int) or s.topk < 0:
+            raise DSparkConfigError(f'additional_config["dspark"]["topk"]={s.topk!r}: expected an integer >= 0')
+        if s.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise DSparkConfigError(f'additional_config["dspark"]["dtype"]={s.dtype!r}: expected auto|float32|bfloat16|float16')
+        return s
+
+
+@dataclass
+class ProposerStats:
+    """Counters the metrics layer reads (nothing is printed in the step path)."""
+
+    steps: int = 0
+    drafted_requests: int = 0
+    draft_seconds: float = 0.0
+    ingest_seconds: float = 0.0
+    skipped_gap: int = 0
+    faults: int = 0
+    length_hist: dict[int, int] = field(default_factory=dict)
+
+
+class DSparkProposer:
+    def __init__(self, vllm_config: Any):
+        compat.install()
+        self.vllm_config = vllm_config
+        self.settings = DSparkSettings.from_additional_config(vllm_config.additional_config)
+        spec = vllm_config.speculative_config
+        self.num_spec_tokens = int(spec.num_speculative_tokens)
+        self.cfg = DSparkConfig.load(self.settings.drafter)
+        self.cfg.check_target(vllm_config.model_config.hf_config)
+        self.cfg.check_num_speculative_tokens(self.num_spec_tokens)
+        validate_weights(self.cfg, read_weights(self.settings.drafter))  # fail before any weight loading
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+            logger.warning("vllm-dspark: prefix caching is on; a request whose prompt hits the prefix cache gets "
+                           "no target hidden states for the cached part, so DSpark does not draft for it. "
+                           "Pass enable_prefix_caching=False (--no-enable-prefix-caching) for full speed.")
+        self.drafter = None
+        self.store: ContextStore | None = None
+        self.pending_rows: StepRows | None = None
+        self.stats = ProposerStats()
+        self._batch_req_ids: list[str] = []
+        self._temperature: torch.Tensor | None = None
+        self._budget = self.num_spec_tokens
+        self._last_probs: tuple[torch.Tensor, list[str]] | None = None
+        self._round = 0
+        self._gap_reqs: set[str] = set()
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        return self.cfg.aux_layer_ids
+
+    def load_model(self, target_model: Any) -> None:
+        """Called by the CPU runner with the target; the compat wrapper binds on every backend."""
+
+    def bind_target(self, target_model: torch.nn.Module, vllm_config: Any) -> None:
+        if self.drafter is not None:
+            return
+        device = next(target_model.parameters()).device
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            self.settings.dtype, torch.float32 if device.type == "cpu" else vllm_config.model_config.dtype)
+        self.drafter = load_drafter(self.settings.drafter, target_model, dtype=dtype, device=device)
+        self.store = ContextStore(self.drafter)
+        logger.info("vllm-dspark: drafter %s loaded (%d layers, markov rank %d, K=%d, topk=%d, %s)",
+                    self.settings.drafter, self.cfg.num_hidden_layers, self.cfg.markov_rank, self.num_spec_tokens,
+                    self.settings.topk, dtype)
+
+    # ------------------------------------------------------------------ step hooks
+    def on_finished(self, req_ids) -> None:
+        if self.store is None:
+            return
+        for r in req_ids:
+            self.store.free(r)
+            self._gap_reqs.discard(r)
+
+    @property
+    def num_active_requests(self) -> int:
+        return 0 if self.store is None else len(self.store)
+
+    def ingest(self, step: StepRows, sampled_token_ids: list[list[int]]) -> None:
+        """Append the verified rows of this step to each request's context (one batched projection)."""
+        if self.store is None:
+            return
+        t0 = time.perf_counter()
+        feats = torch.cat(step.aux_hidden_states, dim=-1)  # [T, L*Ht]
+        rows = []
+        for i, req_id in enumerate(step.req_ids):
+            start, stop = int(step.query_start_loc[i]), int(step.query_start_loc[i + 1])
+            nd = step.num_draft_tokens[i] if i < len(step.num_draft_tokens) else 0
+            ns = len(sampled_token_ids[i]) if i < len(sampled_token_ids) else 0
+            rejected = nd + 1 - ns if nd > 0 and ns > 0 else 0
+            stop -= rejected
+            if stop > start:
+                rows.append((req_id, int(step.positions[start]), feats[start:stop]))
+        for req_id, pos, f in rows:
+            if pos > self.store.length(req_id):
+                # Prefix-cache hit (or anything else) left a hole: never draft from it.
+                self._gap_reqs.add(req_id)
+        rows = [r for r in rows if r[0] not in self._gap_reqs]
+        try:
+            self.store.append(rows)
+        except ContextGapError:  # defensive: the check above should have caught it
+            self.stats.faults += 1
+        self.stats.ingest_seconds += time.perf_counter() - t0
+
+    def set_batch(self, req_ids: list[str], sampling_metadata: Any, budget: int) -> None:
+        self._batch_req_ids = req_ids
+        self._budget = int(budget) if budget else self.num_spec_tokens
+        temp = None
+        if sampling_metadata is not None and not sampling_metadata.all_greedy:
+            temp = sampling_metadata.temperature
+        self._temperature = temp
+
+    # ------------------------------------------------------------------ drafting
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, slot_mappings: Any = None, **_: Any) -> list[list[int]]:
+        self._last_probs = None
+        out: list[list[int]] = [[] for _ in sampled_token_ids]
+        if self.store is None:
+            return out
+        t0 = time.perf_counter()
+        k = max(0, min(self.num_spec_tokens, self._budget))
+        rows, anchors, temps = [], [], []
+        for i, sampled in enumerate(sampled_token_ids):
+            if not sampled or i >= len(self._batch_req_ids):
+                continue
+            req_id = self._batch_req_ids[i]
+            n = int(num_tokens_no_spec[i])  # tokens so far, the new anchor included
+            if req_id in self._gap_reqs or self.store.length(req_id) != n - 1:
+                self.stats.skipped_gap += 1
+                continue
+            if n + k > self.max_model_len or k == 0:
+                continue
+            rows.append(i)
+            anchors.append(int(sampled[-1]))
+            temps.append(0.0 if self._temperature is None else float(self._temperature[i]))
+        self.stats.steps += 1
+        if not rows:
+            return out
+        device = self.drafter.fc.weight.device
+        req_ids = [self._batch_req_ids[i] for i in rows]
+        temperature = torch.tensor(temps, dtype=torch.float32, device=device)
+        want_q = self.settings.probabilistic and bool((temperature > 0).any())
+        self._round += 1
+        seed = torch.tensor([(zlib.crc32(r.encode()) * 1_000_003 + self._round) & 0x7FFFFFFF for r in req_ids],
+                            dtype=torch.int64, device=device)
+        block = draft_block(self.drafter, self.store.gather(req_ids),
+                            torch.tensor(anchors, dtype=torch.int64, device=device), k,
+                            temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
+        tokens = block.tokens.tolist()
+        for j, i in enumerate(rows):
+            out[i] = tokens[j]
+            self.stats.length_hist[k] = self.stats.length_hist.get(k, 0) + 1
+        self.stats.drafted_requests += len(rows)
+        if want_q:
+            self._last_probs = (self._dense_q(block, len(req_ids)), req_ids)
+        self.stats.draft_seconds += time.perf_counter() - t0
+        return out
+
+    def _dense_q(self, block, b: int) -> torch.Tensor:
+        """q as [B, K, V] float32 rows (top-k q scattered into zeros)."""
+        if block.q is not None:
+            return block.q.float().contiguous()
+        q = torch.zeros(b, block.q_probs.shape[1], self.cfg.vocab_size, dtype=torch.float32,
+                        device=block.q_probs.device)
+        return q.scatter_(2, block.q_ids, block.q_probs.float())
+
+    def take_draft_probs(self) -> tuple[torch.Tensor, list[str]] | None:
+        probs, self._last_probs = self._last_probs, None
+        return probs
