@@ -8,8 +8,11 @@ than draft from a context with holes).
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .model.drafter import DSparkDrafter
@@ -26,8 +29,45 @@ class ContextBatch:
     lengths: torch.Tensor  # [B] int64, valid rows per batch row
 
 
+class PrefixCache:
+    """Context rows per full block of tokens, keyed by the hash chain of the token prefix (as vLLM's prefix
+    cache keys its KV blocks). A context row depends only on the tokens up to its position, so a request whose
+    prompt hits vLLM's prefix cache (and so delivers no hidden states for the cached part) can take its first
+    rows from an earlier request with the same prefix instead of drafting from a context with holes.
+    Least-recently-used blocks are evicted beyond ``max_blocks``.
+    """
+
+    def __init__(self, block_size: int, max_blocks: int):
+        self.block_size, self.max_blocks = block_size, max_blocks
+        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def chain(self, tokens: np.ndarray, known: list[bytes]) -> list[bytes]:
+        """Extend ``known`` (keys of the first blocks) to every full block of ``tokens``."""
+        keys, bs = list(known), self.block_size
+        for j in range(len(keys), len(tokens) // bs):
+            prev = keys[-1] if keys else b""
+            keys.append(hashlib.blake2b(prev + np.asarray(tokens[j * bs:(j + 1) * bs], np.int64).tobytes(),
+                                        digest_size=16).digest())
+        return keys
+
+    def put(self, key: bytes, k: torch.Tensor, v: torch.Tensor) -> None:
+        if key in self.blocks:
+            self.blocks.move_to_end(key)
+            return
+        self.blocks[key] = (k.clone(), v.clone())
+        while len(self.blocks) > self.max_blocks:
+            self.blocks.popitem(last=False)
+
+    def get(self, key: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
+        hit = self.blocks.get(key)
+        if hit is not None:
+            self.blocks.move_to_end(key)
+        return hit
+
+
 class ContextStore:
-    def __init__(self, drafter: DSparkDrafter, *, initial_slots: int = 8, initial_capacity: int = 256):
+    def __init__(self, drafter: DSparkDrafter, *, initial_slots: int = 8, initial_capacity: int = 256,
+                 prefix_cache: PrefixCache | None = None):
         self.drafter = drafter
         cfg = drafter.cfg
         p = drafter.fc.weight
@@ -37,6 +77,8 @@ class ContextStore:
         self.lengths = [0] * initial_slots
         self.slots: dict[str, int] = {}
         self._free: list[int] = list(range(initial_slots - 1, -1, -1))
+        self.prefix_cache = prefix_cache
+        self._chains: dict[str, list[bytes]] = {}  # block keys of each request's cached prefix
 
     # ----------------------------------------------------------------- queries
     def __contains__(self, req_id: str) -> bool:
@@ -77,6 +119,38 @@ class ContextStore:
             self.lengths[slot] = start + n
             offset += n
 
+    def publish_blocks(self, req_id: str, tokens: np.ndarray) -> None:
+        """Offer this request's completed blocks to the prefix cache (tokens: its ids from position 0)."""
+        cache, slot = self.prefix_cache, self.slots.get(req_id)
+        if cache is None or slot is None:
+            return
+        n = min(self.lengths[slot], len(tokens))
+        known = self._chains.get(req_id, [])
+        keys = cache.chain(tokens[:n], known)
+        bs = cache.block_size
+        for j in range(len(known), len(keys)):
+            cache.put(keys[j], self.k[slot, j * bs:(j + 1) * bs], self.v[slot, j * bs:(j + 1) * bs])
+        self._chains[req_id] = keys
+
+    def fill_from_prefix_cache(self, req_id: str, tokens: np.ndarray) -> int:
+        """Copy cached blocks covering ``tokens`` (the prefix up to where delivered rows start) into the
+        request's context, from its current length on; returns the new length."""
+        cache = self.prefix_cache
+        length = self.length(req_id)
+        if cache is None:
+            return length
+        bs = cache.block_size
+        keys = cache.chain(tokens, [])
+        for j in range(length // bs, len(keys)):
+            hit = cache.get(keys[j])
+            if hit is None:
+                break
+            slot = self._slot_for(req_id)
+            self._reserve((j + 1) * bs)
+            self.k[slot, j * bs:(j + 1) * bs], self.v[slot, j * bs:(j + 1) * bs] = hit
+            self.lengths[slot] = (j + 1) * bs
+        return self.length(req_id)
+
     def truncate(self, req_id: str, length: int) -> None:
         slot = self.slots.get(req_id)
         if slot is not None:
@@ -84,6 +158,7 @@ class ContextStore:
 
     def free(self, req_id: str) -> None:
         slot = self.slots.pop(req_id, None)
+        self._chains.pop(req_id, None)
         if slot is not None:
             self.lengths[slot] = 0
             self._free.append(slot)

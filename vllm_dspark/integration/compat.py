@@ -65,6 +65,7 @@ class StepRows:
     positions: torch.Tensor  # [T] position of every scheduled row
     aux_hidden_states: list[torch.Tensor]  # per drafter layer [T, Ht] (ascending layer order)
     num_draft_tokens: list[int]  # [R] drafts verified this step (0 for prefill / no drafts)
+    token_ids: np.ndarray  # [max_reqs, max_model_len] the batch's token ids (row i = req_ids[i]), by reference
 
 
 def _is_ours(runner: Any) -> bool:
@@ -134,7 +135,7 @@ def _snapshot(runner) -> StepRows | None:
     meta = state.spec_decode_metadata
     drafts = list(meta.num_draft_tokens) if meta is not None else [0] * n
     return StepRows(req_ids, qsl, runner.positions[:total].to("cpu", copy=True),
-                    [h[:total] for h in state.aux_hidden_states], drafts)
+                    [h[:total] for h in state.aux_hidden_states], drafts, runner.input_batch.token_ids_cpu)
 
 
 def _wrap_sample_tokens(original):

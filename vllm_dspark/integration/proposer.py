@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint import load_drafter, read_weights, validate_weights
 from ..config import DSparkConfig, DSparkConfigError
-from ..context import ContextGapError, ContextStore
+from ..context import ContextGapError, ContextStore, PrefixCache
 from ..drafting import draft_block
 from . import compat
 from .compat import StepRows
@@ -44,6 +44,11 @@ class DSparkSettings:
     probabilistic: bool = True
     # Drafter compute dtype: "auto" = float32 on CPU (no bf16 units on AVX2), the target's dtype on GPU.
     dtype: str = "auto"
+    # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on).
+    prefix_cache_mb: int = 256
+    # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
+    # debugging only (grows without bound).
+    record: bool = False
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> "DSparkSettings":
@@ -90,10 +95,10 @@ class DSparkProposer:
         self.cfg.check_num_speculative_tokens(self.num_spec_tokens)
         validate_weights(self.cfg, read_weights(self.settings.drafter))  # fail before any weight loading
         self.max_model_len = int(vllm_config.model_config.max_model_len)
-        if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
-            logger.warning("vllm-dspark: prefix caching is on; a request whose prompt hits the prefix cache gets "
-                           "no target hidden states for the cached part, so DSpark does not draft for it. "
-                           "Pass enable_prefix_caching=False (--no-enable-prefix-caching) for full speed.")
+        # With vLLM's prefix cache on, a request whose prompt hits it gets no hidden states for the cached
+        # part: we keep drafter context per block of the same size, keyed the same way (context.PrefixCache).
+        cache = vllm_config.cache_config
+        self._prefix_block_size = int(cache.block_size) if getattr(cache, "enable_prefix_caching", False) else 0
         self.drafter = None
         self.store: ContextStore | None = None
         self.pending_rows: StepRows | None = None
@@ -104,6 +109,7 @@ class DSparkProposer:
         self._last_probs: tuple[torch.Tensor, list[str]] | None = None
         self._round = 0
         self._gap_reqs: set[str] = set()
+        self.records: list[dict] = []
 
     # ------------------------------------------------------------------ setup
     @property
@@ -120,7 +126,13 @@ class DSparkProposer:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             self.settings.dtype, torch.float32 if device.type == "cpu" else vllm_config.model_config.dtype)
         self.drafter = load_drafter(self.settings.drafter, target_model, dtype=dtype, device=device)
-        self.store = ContextStore(self.drafter)
+        prefix = None
+        if self._prefix_block_size:
+            row_bytes = 2 * self.drafter.fc.weight.element_size() * self.cfg.num_hidden_layers * \
+                self.cfg.num_key_value_heads * self.cfg.head_dim
+            blocks = max(16, self.settings.prefix_cache_mb * 2**20 // (row_bytes * self._prefix_block_size))
+            prefix = PrefixCache(self._prefix_block_size, blocks)
+        self.store = ContextStore(self.drafter, prefix_cache=prefix)
         logger.info("vllm-dspark: drafter %s loaded (%d layers, markov rank %d, K=%d, topk=%d, %s)",
                     self.settings.drafter, self.cfg.num_hidden_layers, self.cfg.markov_rank, self.num_spec_tokens,
                     self.settings.topk, dtype)
@@ -152,16 +164,31 @@ class DSparkProposer:
             stop -= rejected
             if stop > start:
                 rows.append((req_id, int(step.positions[start]), feats[start:stop]))
+        index = {r: i for i, r in enumerate(step.req_ids)}
+        rows = [r for r in rows if r[0] not in self._gap_reqs]
+        ready = [r for r in rows if r[1] <= self.store.length(r[0])]
+        self._append(ready, step, index)
+        # A start beyond the context means vLLM's prefix cache served the first `pos` tokens (possibly from
+        # a request earlier in this very batch, hence after the append above): take those rows from our own
+        # prefix cache; if a hole would remain, never draft for that request.
+        late = []
         for req_id, pos, f in rows:
             if pos > self.store.length(req_id):
-                # Prefix-cache hit (or anything else) left a hole: never draft from it.
-                self._gap_reqs.add(req_id)
-        rows = [r for r in rows if r[0] not in self._gap_reqs]
+                if self.store.fill_from_prefix_cache(req_id, step.token_ids[index[req_id], :pos]) >= pos:
+                    late.append((req_id, pos, f))
+                else:
+                    self._gap_reqs.add(req_id)
+        self._append(late, step, index)
+        self.stats.ingest_seconds += time.perf_counter() - t0
+
+    def _append(self, rows, step: StepRows, index: dict[str, int]) -> None:
         try:
             self.store.append(rows)
-        except ContextGapError:  # defensive: the check above should have caught it
+        except ContextGapError:  # defensive: callers only pass rows that start inside the context
             self.stats.faults += 1
-        self.stats.ingest_seconds += time.perf_counter() - t0
+            return
+        for req_id, pos, f in rows:
+            self.store.publish_blocks(req_id, step.token_ids[index[req_id], :pos + f.shape[0]])
 
     def set_batch(self, req_ids: list[str], sampling_metadata: Any, budget: int) -> None:
         self._batch_req_ids = req_ids
@@ -210,6 +237,9 @@ class DSparkProposer:
         tokens = block.tokens.tolist()
         for j, i in enumerate(rows):
             out[i] = tokens[j]
+            if self.settings.record:
+                self.records.append({"req_id": req_ids[j], "position": int(num_tokens_no_spec[i]) - 1,
+                                     "anchor": anchors[j], "drafts": tokens[j]})
             self.stats.length_hist[k] = self.stats.length_hist.get(k, 0) + 1
         self.stats.drafted_requests += len(rows)
         if want_q:

