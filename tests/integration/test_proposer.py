@@ -50,7 +50,9 @@ def _llm(target, drafter=None, k=3, extra=None, **kw):
 
 
 def _proposer(llm):
-    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.drafter
+    from vllm_dspark.integration.compat import proposer_of
+
+    return proposer_of(llm)
 
 
 def _generate(llm, prompts, max_tokens=24):

@@ -174,3 +174,14 @@ def _wrap_propose(original):
             self._draft_probs, self._draft_prob_req_ids = probs
         return draft_token_ids
     return propose
+
+
+def proposer_of(llm: Any):
+    """The DSparkProposer inside an offline ``LLM`` whose engine runs in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0); None otherwise. Walks vLLM 0.32's private engine attributes."""
+    try:
+        core = llm.llm_engine.engine_core.engine_core
+        return core.model_executor.driver_worker.worker.model_runner.drafter
+    except AttributeError:
+        return None
+

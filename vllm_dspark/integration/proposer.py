@@ -81,6 +81,31 @@ class ProposerStats:
     skipped_gap: int = 0
     faults: int = 0
     length_hist: dict[int, int] = field(default_factory=dict)
+    # Verification outcomes, from the sampled counts vLLM hands back (our own accounting; agrees with vLLM's
+    # spec-decode counters): rounds, and per draft position k (0-based) how often it was verified/accepted.
+    num_rounds: int = 0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+    # With ``record``: one (req_id, drafted, accepted, confidences of the verified positions) per round, in
+    # verification order (req_id = vLLM's engine-internal request id, as in ``records``).
+    round_log: list[tuple[str, int, int, list[float]]] = field(default_factory=list)
+
+    @property
+    def rounds(self) -> list[tuple[int, int, list[float]]]:
+        """``round_log`` without the request ids: (drafted, accepted, confidences) per round."""
+        return [entry[1:] for entry in self.round_log]
+
+    def observe_round(self, req_id: str, drafted: int, accepted: int, confidence: list[float] | None,
+                      keep: bool) -> None:
+        while len(self.drafted_at) < drafted:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        self.num_rounds += 1
+        for k in range(drafted):
+            self.drafted_at[k] += 1
+            self.accepted_at[k] += k < accepted
+        if keep:
+            self.round_log.append((req_id, drafted, accepted, list(confidence or [])[:drafted]))
 
 
 class DSparkProposer:
@@ -110,6 +135,7 @@ class DSparkProposer:
         self._round = 0
         self._gap_reqs: set[str] = set()
         self.records: list[dict] = []
+        self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
 
     # ------------------------------------------------------------------ setup
     @property
@@ -144,6 +170,7 @@ class DSparkProposer:
         for r in req_ids:
             self.store.free(r)
             self._gap_reqs.discard(r)
+            self._confidence.pop(r, None)
 
     @property
     def num_active_requests(self) -> int:
@@ -162,6 +189,9 @@ class DSparkProposer:
             ns = len(sampled_token_ids[i]) if i < len(sampled_token_ids) else 0
             rejected = nd + 1 - ns if nd > 0 and ns > 0 else 0
             stop -= rejected
+            if nd > 0 and ns > 0:
+                self.stats.observe_round(req_id, nd, ns - 1, self._confidence.pop(req_id, None),
+                                         self.settings.record)
             if stop > start:
                 rows.append((req_id, int(step.positions[start]), feats[start:stop]))
         index = {r: i for i, r in enumerate(step.req_ids)}
@@ -235,8 +265,11 @@ class DSparkProposer:
                             torch.tensor(anchors, dtype=torch.int64, device=device), k,
                             temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
         tokens = block.tokens.tolist()
+        conf = block.confidence.tolist() if block.confidence is not None else None
         for j, i in enumerate(rows):
             out[i] = tokens[j]
+            if conf is not None:
+                self._confidence[req_ids[j]] = conf[j]
             if self.settings.record:
                 self.records.append({"req_id": req_ids[j], "position": int(num_tokens_no_spec[i]) - 1,
                                      "anchor": anchors[j], "drafts": tokens[j]})

@@ -1,0 +1,328 @@
+"""Training: the loss against a hand computation, learning on a tiny target, exact resume, DDP equivalence.
+
+Every run here is single-threaded (the test machines are small and shared); the whole file takes ~2 minutes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_dspark.checkpoint import init_weights, load_drafter
+from vllm_dspark.config import DSparkConfig
+from vllm_dspark.model.drafter import DSparkDrafter, block_attention_mask
+from vllm_dspark.train import trainer
+from vllm_dspark.train.features import TargetFeatures, load_target
+from vllm_dspark.train.loss import dspark_loss, sample_anchors, supervision
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_drafter(seed=0, **kw) -> DSparkDrafter:
+    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               intermediate_size=96, vocab_size=101, rms_norm_eps=1e-6, rope_theta=10000.0, block_size=3,
+               mask_token_id=100, target_layer_ids=[1, 3], num_target_layers=6, target_hidden_size=48, markov_rank=8)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    m = DSparkDrafter(DSparkConfig(**cfg))
+    init_weights(m, std=0.2)
+    for p in m.parameters():  # every weight non-trivial, the zero-initialised Markov output included
+        p.data.add_(0.1 * torch.randn_like(p))
+    return m.double()
+
+
+# ----------------------------------------------------------------------------- the loss by hand
+@torch.no_grad()
+def hand_loss(m: DSparkDrafter, feats, logits, ids, mask, anchors, loss_type="dspark"):
+    """One block at a time through the drafter's inference path; loss terms with explicit loops."""
+    cfg, g = m.cfg, m.cfg.block_size
+    total = weights = 0.0
+    acc = [[] for _ in range(g)]
+    for b in range(ids.shape[0]):
+        for a in anchors[b]:
+            if a < 0:
+                continue
+            k_ctx, v_ctx = m.context_kv(feats[b, :a], torch.arange(a))
+            q_ids = m.query_ids(ids[b, a:a + 1], g)
+            h = m.block_hidden(q_ids, a + torch.arange(g)[None], k_ctx[None], v_ctx[None],
+                               block_attention_mask(torch.tensor([a]), a, g))[0].double()
+            for k in range(g):
+                label_pos = a + 1 + k
+                if label_pos >= ids.shape[1] or not mask[b, label_pos]:
+                    break  # supervision stops at the first position outside the assistant mask
+                prev, label = int(ids[b, a + k]), int(ids[b, label_pos])
+                markov = m.markov_head is not None
+                e = m.markov_head.markov_w1.weight[prev].double() if markov else torch.zeros(0, dtype=torch.float64)
+                z = [float(m.lm_head.weight[v].double() @ h[k]
+                           + (m.markov_head.markov_w2.weight[v].double() @ e if markov else 0.0))
+                     for v in range(cfg.vocab_size)]
+                zmax = max(z)
+                s = sum(math.exp(x - zmax) for x in z)
+                q = [math.exp(x - zmax) / s for x in z]
+                t = [float(x) for x in logits[b, a + k]]
+                tmax = max(t)
+                st = sum(math.exp(x - tmax) for x in t)
+                p = [math.exp(x - tmax) / st for x in t]
+                ce = -math.log(q[label])
+                l1 = sum(abs(qi - pi) for qi, pi in zip(q, p))
+                c = min(1.0, max(0.0, 1 - l1 / 2))
+                w_conf = m.confidence_head.proj.weight[0].double()
+                zc = float(w_conf @ torch.cat([h[k], e]) + m.confidence_head.proj.bias[0])
+                sig = 1 / (1 + math.exp(-zc))
+                bce = -(c * math.log(sig) + (1 - c) * math.log(1 - sig))
+                per = (0.1 * ce + 0.9 * l1 if loss_type == "dspark" else ce) + bce
+                w = math.exp(-k / 4)
+                total += w * per
+                weights += w
+                acc[k].append(c)
+    return total / weights, weights, [sum(x) / len(x) for x in acc if x]
+
+
+def toy_batch(seed=0, vocab=101, width=96):
+    torch.manual_seed(seed)
+    T = 11
+    ids = torch.randint(0, 100, (2, T))
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[0, 3:10] = True  # position 10 = the template's newline after the end token: not supervised
+    mask[1, 4:8] = True  # the second row is 8 tokens long (padding after)
+    feats = torch.randn(2, T, width, dtype=torch.float64)
+    logits = 3 * torch.randn(2, T, vocab, dtype=torch.float64)
+    # Row 0: a full block (2), one cut by the mask (8: labels 9 then 10 unsupervised); row 1: cut by its end.
+    anchors = torch.tensor([[2, 8], [5, -1]])
+    return feats, logits, ids, mask, anchors
+
+
+@pytest.mark.parametrize("loss_type,markov_rank", [("dspark", 8), ("ce", 8), ("ce", 0)])
+def test_loss_matches_hand_computation(loss_type, markov_rank):
+    m = tiny_drafter(markov_rank=markov_rank)  # ("ce", 0) = the DFlash baseline
+    feats, logits, ids, mask, anchors = toy_batch()
+    out = dspark_loss(m, feats, logits, ids, mask, anchors, loss_type=loss_type)
+    want, weight, acc = hand_loss(m, feats, logits, ids, mask, anchors, loss_type)
+    sup = supervision(anchors, mask, 3)
+    assert sup.tolist() == [[[True] * 3, [True, False, False]], [[True, True, False], [False] * 3]]
+    assert out.stats.tokens == 6
+    assert float(out.weight_sum) == pytest.approx(weight, rel=1e-6)
+    assert out.loss.item() == pytest.approx(want, rel=2e-5)
+    assert out.stats.acceptance() == pytest.approx(acc, rel=1e-4)
+
+
+def test_one_step_decreases_loss():
+    m = tiny_drafter().float()
+    feats, logits, ids, mask, anchors = (t.float() if t.is_floating_point() else t for t in toy_batch())
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    before = dspark_loss(m, feats, logits, ids, mask, anchors)
+    before.loss.backward()
+    assert m.embed_tokens.weight.grad is None and m.lm_head.weight.grad is None  # frozen target copies
+    opt.step()
+    after = dspark_loss(m, feats, logits, ids, mask, anchors)
+    assert after.loss.item() < before.loss.item() - 1e-3
+
+
+def test_anchors_have_a_supervised_next_token_and_follow_their_generator():
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, 10:30] = True
+    mask[1, 35:37] = True
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]
+    a = sample_anchors(mask, 8, gens())
+    assert a.shape == (2, 8)
+    assert all(9 <= x <= 28 for x in a[0].tolist()) and len(set(a[0].tolist())) == 8
+    assert sorted(a[1][a[1] >= 0].tolist()) == [34, 35]
+    assert torch.equal(a, sample_anchors(mask, 8, gens()))
+
+
+def test_chat_mask_covers_assistant_turns_up_to_their_end_token(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    msgs = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "the first answer"},
+            {"role": "user", "content": "and again"}, {"role": "assistant", "content": "a second one"}]
+    ex = trainer.encode_conversation(tok, msgs, 512, trainer.end_token_ids(tok))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    spans, start = [], None
+    for i, flag in enumerate(ex.mask + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            spans.append((start, i))
+            start = None
+    assert len(spans) == 2
+    for (s, e), msg in zip(spans, msgs[1::2]):
+        assert tok.decode(ex.ids[s:e - 1]) == msg["content"] and ex.ids[e - 1] == im_end
+    prefix = tok.apply_chat_template(msgs[:1], tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert spans[0][0] == len(prefix)
+    assert trainer.encode_conversation(tok, msgs, 10, trainer.end_token_ids(tok)).ids == ex.ids[:10]
+
+
+# ----------------------------------------------------------------------------- target features
+def test_target_features_are_the_aux_hidden_states_and_logits(tiny_llama_dir, tmp_path):
+    model = load_target(tiny_llama_dir)
+    ids = torch.randint(3, 512, (2, 12))
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0  # right padding
+    ref = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    out = TargetFeatures(model, [0, 2])(ids, attn)
+    torch.testing.assert_close(out.features, torch.cat([ref.hidden_states[1], ref.hidden_states[3]], -1))
+    torch.testing.assert_close(out.logits, ref.logits)
+    alone = TargetFeatures(model, [0, 2])(ids[1:, :7])  # padding changes nothing on the real tokens
+    # (hidden states reach ~600 at init range 0.4: 1e-3 absolute is float32 rounding of another kernel path)
+    torch.testing.assert_close(out.features[1, :7], alone.features[0], atol=1e-3, rtol=1e-5)
+    with pytest.raises(ValueError, match="final layer"):
+        TargetFeatures(model, [1, 3])
+
+    cached = TargetFeatures(model, [0, 2], cache_dir=tmp_path)
+    first, second = cached(ids, attn), cached(ids, attn)
+    assert (cached.cache_misses, cached.cache_hits) == (2, 2)
+    torch.testing.assert_close(first.features, second.features, atol=0, rtol=0)
+    torch.testing.assert_close(second.features[0], out.features[0], atol=2e-2, rtol=2e-3)  # fp16 storage
+    torch.testing.assert_close(second.logits[1, :7], out.logits[1, :7], atol=5e-2, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------- learning
+@pytest.fixture(scope="module")
+def smooth_target():
+    """A random TINY_SHAPE Llama at init range 0.08 (the shared fixture's 0.4 gives a target whose greedy next
+    token is chaotic in its context: no small drafter generalises it to unseen prompts within minutes of CPU;
+    at 0.08 answers still hold ~19 distinct tokens per 48 but depend on context smoothly)."""
+    from conftest import TINY_SHAPE
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**TINY_SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                      initializer_range=0.08)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def own_answers(model, tokenizer, n: int, seed: int, new_tokens: int = 48) -> list[trainer.Example]:
+    """The target's greedy answers to random prompts, kept as token ids (no text round trip)."""
+    from conftest import _WORDS
+
+    rng = random.Random(seed)
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": " ".join(rng.choices(_WORDS, k=rng.randint(3, 8)))}],
+        tokenize=True, add_generation_prompt=True)["input_ids"] for _ in range(n)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # left-padded for generate
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+    return [trainer.Example(p + out[i, T:].tolist(), [False] * len(p) + [True] * new_tokens)
+            for i, p in enumerate(prompts)]
+
+
+def test_training_raises_greedy_acceptance_on_held_out_prompts(smooth_target, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    train_set, held_out = own_answers(smooth_target, tok, 160, seed=0), own_answers(smooth_target, tok, 6, seed=1)
+    drafter = trainer.new_drafter(smooth_target, smooth_target.config.to_dict(), seed=0, num_layers=2,
+                                  markov_rank=32, block_size=4, num_target_layer_ids=2)
+    target = TargetFeatures(smooth_target, drafter.cfg.target_layer_ids)
+    before = trainer.greedy_acceptance(drafter, target, held_out, anchors_per_seq=16)
+
+    steps, lr = 300, 3e-3
+    args = trainer.build_parser().parse_args(["--target", "-", "--data", "-", "--out", "-",
+                                              "--anchors-per-seq", "16", "--batch-size", "8"])
+    module = trainer.LossModule(drafter, "dspark")
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = trainer.get_lr(step, steps, lr, 0.04)
+        idx = trainer.batch_indices(step, 8, len(train_set), seed=0)
+        trainer.train_step(module, target, [train_set[i] for i in idx], [step * 8 + j for j in range(8)],
+                           args=args, pad_id=0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+    after = trainer.greedy_acceptance(drafter, target, held_out, anchors_per_seq=16)
+    assert before.rounds == after.rounds == 96
+    assert before.survival[0] <= 0.02  # an untrained drafter guesses (almost) nothing
+    assert after.survival[0] >= 0.15 and after.tau >= before.tau + 0.15, (before, after)
+
+
+# ----------------------------------------------------------------------------- the CLI: resume, DDP
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    from conftest import _WORDS
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    words = lambda a, b: " ".join(rng.choices(_WORDS, k=rng.randint(a, b)))
+    rows = []
+    for i in range(24):
+        msgs = [{"role": "user", "content": words(3, 8)}, {"role": "assistant", "content": words(8, 20)}]
+        if i % 3 == 0:  # some multi-turn conversations
+            msgs += [{"role": "user", "content": words(2, 5)}, {"role": "assistant", "content": words(4, 10)}]
+        rows.append({"id": str(i), "source": "test", "messages": msgs})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def cli_args(target, data, out, *extra) -> list[str]:
+    return ["--target", str(target), "--data", str(data), "--out", str(out), "--layers", "1", "--markov-rank", "16",
+            "--block-size", "4", "--num-target-layers", "2", "--batch-size", "4", "--anchors-per-seq", "8",
+            "--lr", "3e-3", "--quiet", "--threads", "1", *extra]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(tiny_llama_dir, chat_file, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, straight, "--steps", "6", "--save-every", "3")) == 0
+    ckpt = straight / "checkpoints" / "step_000003"
+    assert (ckpt / "trainer_state.pt").is_file() and (ckpt / "config.json").is_file()
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, resumed, "--steps", "6", "--resume", str(ckpt))) == 0
+    assert len(losses(straight)) == 6 and losses(resumed) == losses(straight)[3:]  # bit-identical
+    a, b = (load_drafter(d, tiny_llama_dir).state_dict() for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The final drafter omits the frozen target copies and loads against the target.
+    from safetensors import safe_open
+
+    with safe_open(str(straight / "model.safetensors"), "pt") as f:
+        assert not {"embed_tokens.weight", "lm_head.weight"} & set(f.keys())
+    # A changed data setting would silently break exactness: refused with a clear message.
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, tmp_path / "x", "--steps", "6", "--resume", str(ckpt),
+                                 "--seed", "1")) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_ranks_match_one_process(tiny_llama_dir, chat_file, tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    common = ("--steps", "3", "--save-every", "0")
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, single, *common)) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "vllm_dspark.train.trainer",
+           *cli_args(tiny_llama_dir, chat_file, ddp, *common)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(ddp) == pytest.approx(losses(single), abs=1e-5, rel=0)
+    print("loss differences", [x - y for x, y in zip(losses(ddp), losses(single))])
+    # Adam divides by sqrt(v): float-rounding-level gradient differences move near-zero-gradient weights by up
+    # to ~lr * 1e-2; an unsynchronised rank would be off by up to lr (3e-3) per step.
+    a, b = (load_drafter(d, tiny_llama_dir).state_dict() for d in (single, ddp))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)

@@ -1,0 +1,534 @@
+"""`vllm-dspark train`: distil a DSpark drafter from a frozen HF target, online (no feature dump needed).
+
+Read top to bottom: defaults, data (chat-template tokens + assistant loss mask, deterministic batches), the
+learning-rate schedule, the drafter, one training step, checkpoints, the loop, a quick greedy-acceptance eval,
+and the CLI. Every step's target features come from one target forward on the step's sequences
+(:mod:`.features`); the loss is :func:`.loss.dspark_loss`.
+
+Exact resume: a batch is a pure function of (seed, step) and each sequence's anchors of (seed, its index in the
+sample stream), so ``trainer_state.pt`` (weights in float32, optimizer, step, RNG states) is all a resumed run
+needs to reproduce the uninterrupted run's losses bit for bit. DDP (``torchrun --nproc_per_node N``, gloo on
+CPU): every rank takes a disjoint shard of each global batch; the loss is normalised by the global batch's
+weight sum (known before the forward) so the averaged gradient equals the single-process one.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import config_for_target, init_weights, load_drafter, save_drafter, target_embeddings
+from ..config import DSparkConfig
+from ..model.drafter import DSparkDrafter
+from .features import TargetFeatures, load_target
+from .loss import LOSS_TYPES, LossStats, dspark_loss, expected_tau, packed_block_hidden, sample_anchors, \
+    supervised_weight
+
+# ----------------------------------------------------------------------------- defaults
+DEFAULTS = dict(
+    layers=2,  # the paper: 2 draft layers already beat a 5-layer DFlash
+    markov_rank=256,  # DeepSpec's configs; 0 = the Markov-less (DFlash) ablation
+    block_size=7,  # draft tokens per block, as DeepSpec's released drafters
+    num_target_layers=5,  # target layers feeding the drafter (DeepSpec: 5, spread from layer 1 to L-2)
+    steps=2000,  # optimizer steps
+    batch_size=8,  # sequences per global batch (split across DDP ranks)
+    micro_batch_size=2,  # sequences per forward on a rank (0 = whole shard): bounds the [rows x vocab] loss
+    #                      tensors (~0.2 GB each for SmolLM2's 49k vocabulary at 64 anchors x 7 per sequence)
+    lr=6e-4,  # DeepSpec
+    min_lr_frac=0.0,  # cosine decays to lr * this
+    warmup_frac=0.04,  # DeepSpec: 4% linear warmup
+    weight_decay=0.0,  # short distillation runs; the frozen target is the regulariser
+    clip=1.0,  # DeepSpec: global grad-norm clip
+    anchors_per_seq=64,  # DeepSpec uses 512; the LM head over anchors x block x vocab rows dominates CPU cost
+    max_len=512,  # tokens per conversation (longer ones are truncated)
+    seed=0,
+    save_every=500,  # steps between checkpoints (0 = only the final drafter)
+    keep_checkpoints=2,  # older step_* folders are deleted
+    loss="dspark",  # "ce" = the DFlash baseline (CE only, plus the confidence BCE if the head exists)
+    save_dtype="float32",  # "bfloat16" halves the final checkpoint
+)
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Example:
+    ids: list[int]  # chat-template tokens, truncated to max_len
+    mask: list[bool]  # True on assistant tokens (up to and including each turn's end token)
+
+
+def _ids(rendered: Any) -> list[int]:
+    return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
+
+
+def end_token_ids(tokenizer) -> set[int]:
+    """Ids that end an assistant turn: eos plus the usual chat end markers the vocabulary has."""
+    ends = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ends.add(tid)
+    return ends
+
+
+def encode_conversation(tokenizer, messages: list[dict], max_len: int, end_ids: set[int]) -> Example:
+    """Tokens of the whole chat and its loss mask: for every assistant turn, the tokens after the prefix rendered
+    with ``add_generation_prompt=True`` up to and including the turn's end token. Turns whose rendering is not a
+    prefix of the full chat (templates that rewrite history) are left unsupervised."""
+    full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+    mask = [False] * len(full)
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        start = len(_ids(tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)))
+        upto = _ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+        if full[: len(upto)] != upto or full[:start] != upto[:start]:
+            continue
+        stop = len(upto)
+        ends = [j for j in range(start, stop) if full[j] in end_ids]
+        if ends:
+            stop = ends[0] + 1  # the template's trailing newline after the end token is never generated
+        mask[start:stop] = [True] * (stop - start)
+    return Example(full[:max_len], mask[:max_len])
+
+
+def load_examples(path: str | Path, tokenizer, max_len: int) -> tuple[list[Example], int]:
+    """JSONL from `vllm-dspark gen-data` -> (examples with at least one anchor, number dropped)."""
+    end_ids = end_token_ids(tokenizer)
+    out, dropped = [], 0
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'messages' ({e})") from None
+            ex = encode_conversation(tokenizer, messages, max_len, end_ids)
+            if any(ex.mask[1:]):  # an anchor needs a supervised next token
+                out.append(ex)
+            else:
+                dropped += 1
+    if not out:
+        raise ValueError(f"{path}: no conversation with an assistant turn inside max_len={max_len} tokens")
+    return out, dropped
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Dataset indices of global batch ``step``: a seeded permutation per epoch, batches cut from the stream."""
+    return [_epoch_order(n, seed, s // n)[s % n] for s in range(step * batch_size, (step + 1) * batch_size)]
+
+
+def anchor_generator(seed: int, sample: int) -> torch.Generator:
+    """Per-sequence RNG: the same anchors whichever rank, micro-batch or resumed run gets the sequence."""
+    return torch.Generator().manual_seed((seed * 2_654_435_761 + sample) % (2**63))
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> input_ids [B, T], attention_mask [B, T], loss_mask [B, T] bool (right-padded to the longest)."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(examples), T, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n = len(e.ids)
+        ids[b, :n], attn[b, :n], mask[b, :n] = torch.tensor(e.ids), 1, torch.tensor(e.mask)
+    return ids, attn, mask
+
+
+# ----------------------------------------------------------------------------- schedule
+def get_lr(step: int, total: int, lr: float, warmup_frac: float, min_lr_frac: float = 0.0) -> float:
+    """Linear warmup over warmup_frac of the steps, then cosine from lr down to lr * min_lr_frac."""
+    warmup = max(1, round(warmup_frac * total))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- drafter
+def new_drafter(target, target_config: Mapping[str, Any], *, seed: int, **config_kwargs) -> DSparkDrafter:
+    """init_drafter's semantics without writing anything: fresh weights, the target's embeddings/LM head."""
+    cfg = config_for_target(target_config, **config_kwargs)
+    torch.manual_seed(seed)
+    model = DSparkDrafter(cfg)
+    init_weights(model)
+    embed, head = target_embeddings(target)
+    model.embed_tokens.weight.data.copy_(embed[: cfg.vocab_size].float())
+    model.lm_head.weight.data.copy_(head[: cfg.draft_vocab].float())
+    return model
+
+
+class LossModule(nn.Module):
+    """The drafter with :func:`dspark_loss` as its forward, so DDP can wrap it (DDP syncs gradients of what
+    runs through its forward). Returns (weighted_sum, weight_sum, stats [3, g])."""
+
+    def __init__(self, drafter: DSparkDrafter, loss_type: str):
+        super().__init__()
+        self.drafter, self.loss_type = drafter, loss_type
+
+    def forward(self, features, target_logits, input_ids, loss_mask, anchors):
+        out = dspark_loss(self.drafter, features, target_logits, input_ids, loss_mask, anchors,
+                          loss_type=self.loss_type)
+        return out.weighted_sum, out.weight_sum, out.stats.as_tensor()
+
+
+# ----------------------------------------------------------------------------- one step
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if _world()[1] > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def train_step(module: nn.Module, target: TargetFeatures, examples: list[Example], sample_ids: list[int], *,
+               args: argparse.Namespace, pad_id: int) -> tuple[float, LossStats, int]:
+    """Forward/backward of this rank's shard of one global batch; gradients left in .grad.
+
+    -> (global loss, global stats, global tokens) — identical on every rank.
+    """
+    rank, world = _world()
+    g = (module.module if hasattr(module, "module") else module).drafter.cfg.block_size
+    mine = list(range(rank, len(examples), world))
+    micro = args.micro_batch_size or len(mine)
+    chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    batches = []
+    device = next(module.parameters()).device
+    for chunk in chunks:
+        ids, attn, mask = collate([examples[i] for i in chunk], pad_id)
+        anchors = sample_anchors(mask, args.anchors_per_seq,
+                                 [anchor_generator(args.seed, sample_ids[i]) for i in chunk])
+        batches.append(tuple(t.to(device) for t in (ids, attn, mask, anchors)))
+    # The normaliser of the whole global batch, before any forward: DDP averaging stays exact.
+    weight = sum((supervised_weight(a, m, g).cpu() for _, _, m, a in batches), torch.zeros(()))
+    weight = _all_reduce(weight.double().to(device)).float()
+    weighted = torch.zeros((), dtype=torch.float64, device=device)
+    stats = torch.zeros(3, g, dtype=torch.float64, device=device)
+    for j, (ids, attn, mask, anchors) in enumerate(batches):
+        tgt = target(ids, attn)
+        sync = j == len(batches) - 1 or not hasattr(module, "no_sync")
+        with nullcontext() if sync else module.no_sync():
+            wsum, _, st = module(tgt.features, tgt.logits, ids, mask, anchors)
+            (wsum * world / weight).backward()  # DDP averages over ranks; undo it so the sum is global
+        weighted += wsum.detach().double()
+        stats += st.to(device)
+    reduced = _all_reduce(torch.cat([weighted[None], stats.flatten()])).cpu()
+    tokens = sum(len(e.ids) for e in examples)
+    return float(reduced[0] / weight.double().cpu()), LossStats.from_tensor(reduced[1:].view(3, g)), tokens
+
+
+# ----------------------------------------------------------------------------- checkpoints
+STATE_FILE = "trainer_state.pt"
+
+
+def save_checkpoint(directory: Path, drafter: DSparkDrafter, optimizer, step: int, args) -> None:
+    save_drafter(drafter, directory, dtype=getattr(torch, args.save_dtype))
+    state = dict(
+        step=step,
+        model={k: v.detach().clone() for k, v in drafter.trainable_state_dict().items()},  # float32, exact
+        optimizer=optimizer.state_dict(),
+        rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state()),
+        args={k: v for k, v in vars(args).items()},
+    )
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(directory / STATE_FILE)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's --out folder (-> its newest checkpoints/step_*)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    steps = sorted((path / "checkpoints").glob("step_*"))
+    steps = [s for s in steps if (s / STATE_FILE).is_file()]
+    if not steps:
+        raise FileNotFoundError(f"--resume {str(path)!r}: no {STATE_FILE} there or in its checkpoints/step_*")
+    return steps[-1]
+
+
+_MUST_MATCH = ("batch_size", "seed", "anchors_per_seq", "max_len", "loss")
+
+
+def _prune(out: Path, keep: int) -> None:
+    steps = sorted((out / "checkpoints").glob("step_*"))
+    for old in steps[: max(0, len(steps) - keep)]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(args: argparse.Namespace) -> list[dict]:
+    """Run (or resume) a training job; returns the log records of this run's steps (all ranks)."""
+    rank, world = _world()
+    torch.manual_seed(args.seed)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size={args.batch_size}: expected a multiple of the {world} DDP ranks")
+    if args.loss not in LOSS_TYPES:
+        raise ValueError(f"--loss={args.loss!r}: expected one of {list(LOSS_TYPES)}")
+    from transformers import AutoTokenizer
+
+    out = Path(args.out)
+    target_model = load_target(args.target).to(args.device)
+    target_config = json.loads((Path(args.target) / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    examples, dropped = load_examples(args.data, tokenizer, args.max_len)
+
+    resume_state = None
+    if args.resume:
+        ckpt = find_checkpoint(args.resume)
+        resume_state = torch.load(ckpt / STATE_FILE, weights_only=False)
+        for key in _MUST_MATCH:
+            if resume_state["args"].get(key) != getattr(args, key):
+                raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)!r}: expected "
+                                 f"{resume_state['args'].get(key)!r} as in the run being resumed ({ckpt})")
+        cfg = DSparkConfig.load(ckpt)
+        drafter = DSparkDrafter(cfg)
+        embed, head = target_embeddings(target_model)
+        drafter.embed_tokens.weight.data.copy_(embed[: cfg.vocab_size].float())
+        drafter.lm_head.weight.data.copy_(head[: cfg.draft_vocab].float())
+        missing, unexpected = drafter.load_state_dict(resume_state["model"], strict=False)
+        if unexpected or set(missing) - {"embed_tokens.weight", "lm_head.weight"}:
+            raise ValueError(f"--resume {ckpt}: trainer state does not fit its config.json "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    elif args.init:
+        drafter = load_drafter(args.init, target_model, target_config=target_config)
+    else:
+        drafter = new_drafter(target_model, target_config, seed=args.seed, num_layers=args.layers,
+                              markov_rank=args.markov_rank, block_size=args.block_size,
+                              num_target_layer_ids=args.num_target_layers)
+    drafter.cfg.check_target(target_config)
+    drafter.float().to(args.device).train()
+    target = TargetFeatures(target_model, drafter.cfg.target_layer_ids, cache_dir=args.feature_cache)
+
+    module: nn.Module = LossModule(drafter, args.loss)
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(module, device_ids=None)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    start = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start = resume_state["step"]
+        rng = resume_state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+
+    log_path = out / "train_log.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        old = log_path.read_text().splitlines() if log_path.is_file() and resume_state is not None else []
+        log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
+    records: list[dict] = []
+    bar = _progress(args, start, rank, len(examples), dropped, drafter)
+    for step in range(start, args.steps):
+        t0 = time.perf_counter()
+        lr = get_lr(step, args.steps, args.lr, args.warmup_frac, args.min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(step, args.batch_size, len(examples), args.seed)
+        sample_ids = [step * args.batch_size + j for j in range(args.batch_size)]
+        loss, stats, tokens = train_step(module, target, [examples[i] for i in idx], sample_ids, args=args,
+                                         pad_id=pad_id)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        acc = stats.acceptance()
+        rec = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, acc=acc, tau_est=expected_tau(acc),
+                   greedy=stats.greedy(), supervised=stats.tokens, tokens=tokens, tokens_per_s=tokens / dt)
+        records.append(rec)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.set_postfix_str(f"loss {loss:.3f} acc {_compact(acc)} tau~{rec['tau_est']:.2f} "
+                                    f"tok/s {tokens / dt:,.0f}")
+                bar.update(1)
+            if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+                save_checkpoint(out / "checkpoints" / f"step_{step + 1:06d}", drafter, optimizer, step + 1, args)
+                _prune(out, args.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        save_drafter(drafter, out, dtype=getattr(torch, args.save_dtype))
+    return records
+
+
+def _compact(values: list[float]) -> str:
+    return " ".join(f"{v:.2f}".removeprefix("0") for v in values)
+
+
+def _progress(args, start: int, rank: int, n_examples: int, dropped: int, drafter: DSparkDrafter):
+    if rank != 0 or args.quiet:
+        return None
+    from tqdm import tqdm
+
+    n_train = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
+    print(f"vllm-dspark train: {n_examples} conversations ({dropped} without an assistant turn dropped), "
+          f"drafter {drafter.cfg.num_hidden_layers} layers, {n_train / 1e6:.2f} M trainable, "
+          f"target layers {drafter.cfg.target_layer_ids}, block {drafter.cfg.block_size}", file=sys.stderr)
+    return tqdm(total=args.steps, initial=start, dynamic_ncols=True, desc="train")
+
+
+# ----------------------------------------------------------------------------- quick eval
+@dataclass
+class Acceptance:
+    tau: float  # mean (accepted drafts + 1) per round
+    survival: list[float]  # P(at least k drafts accepted), k = 1..g
+    conditional: list[float]  # P(k accepted | k-1 accepted)
+    rounds: int
+
+
+@torch.no_grad()
+def greedy_acceptance(drafter: DSparkDrafter, target: TargetFeatures, sequences: list[Example] | list[list[int]],
+                      g: int | None = None, *, anchors_per_seq: int = 16, seed: int = 0) -> Acceptance:
+    """Greedy speculative decoding, one round per anchor, against the real target.
+
+    For each sequence and up to ``anchors_per_seq`` anchors a (next token supervised; any a >= 0 for plain id
+    lists): the drafter drafts g tokens greedily (block pass + Markov argmax chain) from the target's features
+    of positions < a; the target then verifies [x_0..x_a, d_1..d_g] in one forward and accepts the drafts
+    while d_k equals its argmax, exactly as greedy verification would.
+    """
+    g = g or drafter.cfg.block_size
+    if g > drafter.cfg.block_size:
+        raise ValueError(f"g={g}: expected at most the drafter's block_size={drafter.cfg.block_size}")
+    was_training = drafter.training
+    drafter.eval()
+    accepted: list[int] = []
+    for i, seq in enumerate(sequences):
+        ex = seq if isinstance(seq, Example) else Example(list(seq), [True] * len(seq))
+        device = drafter.fc.weight.device
+        ids = torch.tensor(ex.ids, device=device)[None]
+        mask = torch.tensor(ex.mask, device=device)[None]
+        anchors = sample_anchors(mask, anchors_per_seq, [anchor_generator(seed, i)])  # [1, m]
+        anchors = anchors[anchors >= 0][None]
+        if anchors.numel() == 0:
+            continue
+        tgt = target(ids)
+        h, _ = packed_block_hidden(drafter, tgt.features, ids, anchors)
+        m = anchors.shape[1]
+        base = drafter.base_logits(drafter.prediction_rows(h).view(m, drafter.cfg.block_size, -1)[:, :g])  # [m,g,V]
+        prev = ids[0, anchors[0]]  # [m]
+        drafts = []
+        for k in range(g):  # the sequential Markov chain (base only for the Markov-less ablation)
+            logits = base[:, k]
+            if drafter.markov_head is not None:
+                logits = logits + drafter.markov_head.bias(drafter.markov_head.embed(prev)).float()
+            prev = logits.argmax(-1)
+            drafts.append(prev)
+        drafts = torch.stack(drafts, 1)  # [m, g]
+        # Verification rows [x_0..x_a, d_1..d_g], right-padded.
+        rows = [torch.cat([ids[0, : int(a) + 1], drafts[j]]) for j, a in enumerate(anchors[0])]
+        width = max(len(r) for r in rows)
+        batch = torch.zeros(m, width, dtype=torch.long, device=device)
+        attn = torch.zeros(m, width, dtype=torch.long, device=device)
+        for j, r in enumerate(rows):
+            batch[j, : len(r)], attn[j, : len(r)] = r, 1
+        logits = target.model(input_ids=batch, attention_mask=attn, use_cache=False).logits  # [m, width, V]
+        for j, a in enumerate(anchors[0].tolist()):
+            verdict = logits[j, a: a + g].argmax(-1) == drafts[j]  # target's choice after x_a, d_1.., d_{k-1}
+            accepted.append(int(verdict.long().cumprod(0).sum()))
+    if was_training:
+        drafter.train()
+    n = max(1, len(accepted))
+    acc = torch.tensor(accepted, dtype=torch.float64)
+    survival = [float((acc >= k).sum()) / n for k in range(1, g + 1)]
+    conditional = [survival[0]] + [survival[k] / survival[k - 1] if survival[k - 1] else 0.0 for k in range(1, g)]
+    return Acceptance(tau=1 + float(acc.mean()) if accepted else 1.0, survival=survival, conditional=conditional,
+                      rounds=len(accepted))
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    ap = argparse.ArgumentParser(prog="vllm-dspark train", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--target", required=True, help="target HF folder (frozen; its tokenizer and chat template)")
+    ap.add_argument("--data", required=True, help="JSONL from `vllm-dspark gen-data` (answers by the target)")
+    ap.add_argument("--out", required=True, help="output folder: drafter, train_log.jsonl, checkpoints/")
+    ap.add_argument("--layers", type=int, default=d["layers"], help="draft transformer layers")
+    ap.add_argument("--markov-rank", type=int, default=d["markov_rank"], help="0 = Markov-less ablation")
+    ap.add_argument("--block-size", type=int, default=d["block_size"], help="draft tokens per block")
+    ap.add_argument("--num-target-layers", type=int, default=d["num_target_layers"],
+                    help="target layers feeding the drafter")
+    ap.add_argument("--init", help="start from this drafter folder (its config decides the architecture)")
+    ap.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per global batch")
+    ap.add_argument("--micro-batch-size", type=int, default=d["micro_batch_size"],
+                    help="sequences per forward on one rank (gradient accumulation); 0 = whole shard")
+    ap.add_argument("--lr", type=float, default=d["lr"], help="peak AdamW learning rate (DeepSpec)")
+    ap.add_argument("--min-lr-frac", type=float, default=d["min_lr_frac"], help="cosine floor, as a fraction of --lr")
+    ap.add_argument("--warmup-frac", type=float, default=d["warmup_frac"], help="linear warmup share of --steps")
+    ap.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
+    ap.add_argument("--clip", type=float, default=d["clip"], help="grad-norm clip")
+    ap.add_argument("--anchors-per-seq", type=int, default=d["anchors_per_seq"],
+                    help="blocks trained per sequence (DeepSpec: 512); the main cost knob")
+    ap.add_argument("--max-len", type=int, default=d["max_len"], help="tokens per conversation (truncated)")
+    ap.add_argument("--seed", type=int, default=d["seed"], help="init, data order and anchors")
+    ap.add_argument("--save-every", type=int, default=d["save_every"],
+                    help="steps between checkpoints/step_* (resumable); 0 = final drafter only")
+    ap.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="newest step_* kept")
+    ap.add_argument("--resume", help="checkpoint folder, or a previous --out (its newest checkpoint)")
+    ap.add_argument("--loss", choices=LOSS_TYPES, default=d["loss"],
+                    help="dspark = 0.1 CE + 0.9 L1 + BCE; ce = the DFlash baseline (CE + BCE)")
+    ap.add_argument("--feature-cache", help="cache target features here (fp16; worth it for small targets)")
+    ap.add_argument("--save-dtype", choices=("float32", "bfloat16"), default=d["save_dtype"],
+                    help="dtype of the saved drafter weights (resume state stays float32)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (DDP then uses nccl, one GPU per rank)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per rank (0 = torch's default)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.device.startswith("cuda") and distributed:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank = _world()[0]
+    try:
+        records = train(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vllm-dspark train: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0 and records and not args.quiet:
+        last = records[-1]
+        print(f"done: step {last['step']} loss {last['loss']:.4f} acc {_compact(last['acc'])} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
