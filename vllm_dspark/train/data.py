@@ -55,6 +55,33 @@ def load_prompts(spec: str, *, include_eval: bool = False) -> list[tuple[str, st
     return pairs
 
 
+def write_original_answers(args) -> int:
+    if args.prompts != "sharegpt":
+        raise SystemExit("vllm-dspark gen-data: --original-answers needs --prompts sharegpt")
+    from ..assets import load_sharegpt
+
+    eval_texts = set() if args.include_eval else {_norm(t) for q in load_mtbench() for t in q.turns}
+    rows = []
+    for conv in load_sharegpt():
+        turns = conv["conversations"]
+        if len(turns) < 2 or turns[0]["from"] != "human" or turns[1]["from"] != "gpt":
+            continue
+        prompt, answer = turns[0]["value"].strip(), turns[1]["value"].strip()
+        if not (16 <= len(prompt) <= 2000) or not answer or _norm(prompt) in eval_texts:
+            continue
+        if sum(c.isascii() for c in prompt + answer) < 0.95 * len(prompt + answer):
+            continue
+        rows.append({"id": f"sharegpt-orig-{conv['id']}", "source": "sharegpt-original",
+                     "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    random.Random(args.seed).shuffle(rows)
+    rows = rows[: args.num_prompts] if args.num_prompts is not None else rows
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    print(f"gen-data: wrote {len(rows)} original ShareGPT conversations to {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="vllm-dspark gen-data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", required=True, help="target HF folder")
@@ -69,7 +96,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--dtype", default="float32", help="float32 is ~2.5x faster than bf16 on AVX2 CPUs")
     ap.add_argument("--include-eval", action="store_true", help="keep prompts that are MT-Bench questions")
+    ap.add_argument("--original-answers", action="store_true",
+                    help="sharegpt only: write the dataset's own first answers instead of regenerating them "
+                         "(no vLLM; cheap extra contexts: the trainer's L1 term still distils the target's "
+                         "own next-token distribution at every position)")
     args = ap.parse_args(argv)
+    if args.original_answers:
+        return write_original_answers(args)
 
     pairs = load_prompts(args.prompts, include_eval=args.include_eval)
     random.Random(args.seed).shuffle(pairs)
