@@ -20,10 +20,14 @@ from .model.drafter import DSparkDrafter, block_attention_mask
 @dataclass
 class DraftBlock:
     tokens: torch.Tensor  # [B, g] int64 (target vocab ids)
-    confidence: torch.Tensor | None  # [B, g] float32, c_k = P(k accepted | k-1 accepted), or None
+    confidence_logit: torch.Tensor | None  # [B, g] float32 pre-sigmoid; c_k = P(k accepted | k-1 accepted)
     q: torch.Tensor | None = None  # [B, g, V] float32 (dense drafting with return_q)
     q_probs: torch.Tensor | None = None  # [B, g, k] float32 (top-k drafting with return_q)
     q_ids: torch.Tensor | None = None  # [B, g, k] int64
+
+    @property
+    def confidence(self) -> torch.Tensor | None:
+        return None if self.confidence_logit is None else torch.sigmoid(self.confidence_logit)
 
 
 @torch.inference_mode()
@@ -66,10 +70,9 @@ def draft_block(
     out = markov_head(base, w1, w2, anchor, temperature.float(), seed, topk=topk,
                       conf_w=None if conf_w_e is None else conf_w_e.float(), return_q=return_q)
 
-    confidence = None
+    logit = None
     if conf_w_h is not None:
         logit = h.float() @ conf_w_h.float() + conf_b.float()  # [B, g]
         if out.conf_markov is not None:
             logit = logit + out.conf_markov
-        confidence = torch.sigmoid(logit)
-    return DraftBlock(out.tokens, confidence, out.q, out.q_probs, out.q_ids)
+    return DraftBlock(out.tokens, logit, out.q, out.q_probs, out.q_ids)

@@ -77,7 +77,7 @@ def test_greedy_lossless_and_drafts_match_hf_hidden_states(vllm_env, drafters, a
     prompts = _prompts(6)
     base = _generate(_llm(target, enable_prefix_caching=False), prompts)
     gc.collect()
-    llm = _llm(target, drafter_dir, enable_prefix_caching=True)
+    llm = _llm(target, drafter_dir, enable_prefix_caching=True, extra={"mode": "fixed"})
     first = _generate(llm, prompts)
     second = _generate(llm, prompts)  # prefix-cache hits: vLLM delivers no rows for the cached block
     for b, a, c in zip(base, first, second):
@@ -111,6 +111,25 @@ def test_greedy_lossless_and_drafts_match_hf_hidden_states(vllm_env, drafters, a
         block = draft_block(drafter, store.gather(["r"]), torch.tensor([rec["anchor"]]), 3, topk=32)
         mismatches += block.tokens[0].tolist() != rec["drafts"]
     assert mismatches == 0
+    _close(llm)
+
+
+def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
+    """Adaptive mode (the default): per-request lengths follow the confidence head and the profiled cost."""
+    target, drafter_dir = drafters["qwen3"]
+    prompts = _prompts(8)
+    base = _generate(_llm(target, enable_prefix_caching=False), prompts)
+    gc.collect()
+    llm = _llm(target, drafter_dir, enable_prefix_caching=False)
+    spec = _generate(llm, prompts)
+    assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
+    prop = _proposer(llm)
+    assert prop.adaptive and len(prop.cost) > 0  # the cost table was profiled at startup
+    lengths = prop.stats.length_hist
+    assert sum(lengths.values()) > 0 and max(lengths) <= 3
+    counters = _spec_counters(llm)
+    assert counters["vllm:spec_decode_num_draft_tokens"] == sum(prop.stats.drafted_at)
+    assert counters["vllm:spec_decode_num_accepted_tokens"] == sum(prop.stats.accepted_at)
     _close(llm)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from ..checkpoint import load_drafter, read_weights, validate_weights
 from ..config import DSparkConfig, DSparkConfigError
 from ..context import ContextGapError, ContextStore, PrefixCache
+from ..scheduling import CALIBRATION_FILE, CostTable, apply_temperature, load_calibration, plan_block_lengths
 from ..drafting import draft_block
 from . import compat
 from .compat import StepRows
@@ -46,6 +48,9 @@ class DSparkSettings:
     dtype: str = "auto"
     # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on).
     prefix_cache_mb: int = 256
+    # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
+    # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
+    mode: str = "adaptive"
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
     record: bool = False
@@ -65,6 +70,8 @@ class DSparkSettings:
             raise DSparkConfigError(f'additional_config["dspark"]["drafter"]={s.drafter!r}: expected a drafter directory')
         if not isinstance(s.topk, int) or s.topk < 0:
             raise DSparkConfigError(f'additional_config["dspark"]["topk"]={s.topk!r}: expected an integer >= 0')
+        if s.mode not in ("adaptive", "fixed"):
+            raise DSparkConfigError(f'additional_config["dspark"]["mode"]={s.mode!r}: expected adaptive|fixed')
         if s.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise DSparkConfigError(f'additional_config["dspark"]["dtype"]={s.dtype!r}: expected auto|float32|bfloat16|float16')
         return s
@@ -135,6 +142,15 @@ class DSparkProposer:
         self._round = 0
         self._gap_reqs: set[str] = set()
         self.records: list[dict] = []
+        self.adaptive = self.settings.mode == "adaptive" and self.cfg.enable_confidence_head
+        self.cost = CostTable()  # target steps/s vs verified tokens, learned online from real steps
+        self.calibration = None  # per-position confidence temperatures (vllm-dspark calibrate), if fitted
+        cal = Path(self.settings.drafter) / CALIBRATION_FILE
+        if cal.exists():
+            self.calibration = load_calibration(cal)[0]
+        self._g = self.num_spec_tokens  # positions drafted this step (trimmed under load)
+        self._step_t0: float | None = None
+        self._profiled = False
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
 
     # ------------------------------------------------------------------ setup
@@ -164,7 +180,27 @@ class DSparkProposer:
                     self.settings.topk, dtype)
 
     # ------------------------------------------------------------------ step hooks
+    @property
+    def needs_cost_profile(self) -> bool:
+        return self.adaptive and not self._profiled and self.drafter is not None
+
+    def profile_cost(self, forward, max_tokens: int) -> None:
+        """Seed the cost table: seconds of one target forward of B tokens, B = 1, 2, 4, ... (best of 2)."""
+        self._profiled = True
+        t_start = time.perf_counter()
+        sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_tokens]
+        for b in sizes:
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                forward(b)
+                best = min(best, time.perf_counter() - t0)
+            self.cost.observe(b, best)
+        logger.info("vllm-dspark: profiled target forward cost for %s tokens in %.1fs", sizes,
+                    time.perf_counter() - t_start)
+
     def on_finished(self, req_ids) -> None:
+        self._step_t0 = time.perf_counter()  # a step starts: its forward is timed until ingest
         if self.store is None:
             return
         for r in req_ids:
@@ -181,6 +217,9 @@ class DSparkProposer:
         if self.store is None:
             return
         t0 = time.perf_counter()
+        if self._step_t0 is not None:
+            self.cost.observe(int(step.query_start_loc[-1]), t0 - self._step_t0)
+            self._step_t0 = None
         feats = torch.cat(step.aux_hidden_states, dim=-1)  # [T, L*Ht]
         rows = []
         for i, req_id in enumerate(step.req_ids):
@@ -236,7 +275,7 @@ class DSparkProposer:
         if self.store is None:
             return out
         t0 = time.perf_counter()
-        k = max(0, min(self.num_spec_tokens, self._budget))
+        k = max(0, min(self.num_spec_tokens, self._budget, self._g if self.adaptive else self.num_spec_tokens))
         rows, anchors, temps = [], [], []
         for i, sampled in enumerate(sampled_token_ids):
             if not sampled or i >= len(self._batch_req_ids):
@@ -250,7 +289,10 @@ class DSparkProposer:
                 continue
             rows.append(i)
             anchors.append(int(sampled[-1]))
-            temps.append(0.0 if self._temperature is None else float(self._temperature[i]))
+            # Without q handed to the sampler, draft greedily: vLLM then treats each draft as one-hot
+            # (still lossless; it accepts x with probability p(x)).
+            sampled_t = 0.0 if self._temperature is None else float(self._temperature[i])
+            temps.append(sampled_t if self.settings.probabilistic else 0.0)
         self.stats.steps += 1
         if not rows:
             return out
@@ -266,6 +308,9 @@ class DSparkProposer:
                             temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
         tokens = block.tokens.tolist()
         conf = block.confidence.tolist() if block.confidence is not None else None
+        if self.adaptive and block.confidence_logit is not None:
+            lengths = self._plan(block.confidence_logit, [int(num_tokens_no_spec[i]) for i in rows], k)
+            tokens = [t[:n] for t, n in zip(tokens, lengths)]
         for j, i in enumerate(rows):
             out[i] = tokens[j]
             if conf is not None:
@@ -273,12 +318,26 @@ class DSparkProposer:
             if self.settings.record:
                 self.records.append({"req_id": req_ids[j], "position": int(num_tokens_no_spec[i]) - 1,
                                      "anchor": anchors[j], "drafts": tokens[j]})
-            self.stats.length_hist[k] = self.stats.length_hist.get(k, 0) + 1
+            n = len(tokens[j])
+            self.stats.length_hist[n] = self.stats.length_hist.get(n, 0) + 1
         self.stats.drafted_requests += len(rows)
         if want_q:
             self._last_probs = (self._dense_q(block, len(req_ids)), req_ids)
         self.stats.draft_seconds += time.perf_counter() - t0
         return out
+
+    def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int) -> list[int]:
+        """Per-request draft lengths maximising expected tokens x steps/s (paper Alg. 1, early stop)."""
+        z = confidence_logit.float().cpu().numpy()
+        if self.calibration is not None:
+            survival = apply_temperature(z, self.calibration[: z.shape[1]])
+        else:
+            survival = np.cumprod(1.0 / (1.0 + np.exp(-z)), axis=1)
+        caps = [max(0, min(k, self.max_model_len - n)) for n in num_tokens]
+        lengths = plan_block_lengths(survival, self.cost, caps).lengths.tolist()
+        # Draft no more positions next step than could be chosen now (+1 to grow back when load falls).
+        self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 1))
+        return lengths
 
     def _dense_q(self, block, b: int) -> torch.Tensor:
         """q as [B, K, V] float32 rows (top-k q scattered into zeros)."""
