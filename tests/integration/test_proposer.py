@@ -124,7 +124,7 @@ def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
     spec = _generate(llm, prompts)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
     prop = _proposer(llm)
-    assert prop.adaptive and len(prop.cost) > 0  # the cost table was profiled at startup
+    assert prop.adaptive and len(prop.cost) > 0  # the cost model learned from real steps
     lengths = prop.stats.length_hist
     assert sum(lengths.values()) > 0 and max(lengths) <= 3
     counters = _spec_counters(llm)
@@ -191,3 +191,33 @@ def test_default_multiprocess_engine(vllm_env, drafters):
     assert _spec_counters(llm)["vllm:spec_decode_num_drafts"] > 0
     del llm
     gc.collect()
+
+
+def test_drafter_fault_falls_back_to_no_speculation(vllm_env, drafters, monkeypatch, caplog):
+    """A drafter that raises mid-run: that step runs without speculation, output unchanged, one warning."""
+    import vllm_dspark.integration.proposer as proposer_module
+
+    target, drafter_dir = drafters["llama"]
+    prompts = _prompts(4)
+    base = _generate(_llm(target, enable_prefix_caching=False), prompts)
+    gc.collect()
+    calls = {"n": 0}
+    real = proposer_module.draft_block
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError("injected drafter fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(proposer_module, "draft_block", flaky)
+    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"mode": "fixed"})
+    with caplog.at_level("WARNING", logger="vllm_dspark"):
+        spec = _generate(llm, prompts)
+    assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
+    prop = _proposer(llm)
+    assert prop.stats.faults == calls["n"] // 3 >= 3
+    warnings = [r for r in caplog.records if "the drafter failed during drafting" in r.getMessage()]
+    assert len(warnings) == 1
+    assert _spec_counters(llm)["vllm:spec_decode_num_drafts"] > 0  # the other steps still drafted
+    _close(llm)

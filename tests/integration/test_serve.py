@@ -184,3 +184,42 @@ def test_serve_answers_an_openai_completion(tiny_llama_dir, tmp_path):
         assert isinstance(choice.text, str) and choice.text
     finally:
         _stop(proc)
+
+
+@pytest.mark.vllm
+def test_serve_with_drafter_streams_and_counts_drafts(tiny_llama_dir, tmp_path):
+    """`vllm-dspark serve --drafter`: streamed and plain greedy chat answers agree, /metrics counts our drafts."""
+    import openai
+
+    from vllm_dspark.checkpoint import init_drafter
+
+    drafter = tmp_path / "drafter"
+    init_drafter(tiny_llama_dir, drafter, num_layers=1, markov_rank=16, block_size=4, num_target_layer_ids=2)
+    port = _free_port()
+    log = tmp_path / "server.log"
+    cli = shutil.which("vllm-dspark", path=str(Path(sys.executable).parent))
+    cmd = [
+        cli, "serve", str(tiny_llama_dir), "--drafter", str(drafter), "-k", "3", "--host", "127.0.0.1",
+        "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "256",
+        "--served-model-name", "tiny",
+    ]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, log, timeout=240)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120)
+        messages = [{"role": "user", "content": "Tell me about the water and the people of the town."}]
+        plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
+        chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=24, temperature=0, stream=True) if c.choices]
+        assert len([c for c in chunks if c]) >= 2
+        assert "".join(chunks) == plain.choices[0].message.content
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        drafts = [float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("vllm:spec_decode_num_drafts_total")]
+        assert drafts and drafts[0] > 0, metrics[-2000:]
+    finally:
+        _stop(proc)

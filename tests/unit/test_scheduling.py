@@ -307,3 +307,23 @@ def test_calibration_json_round_trip(tmp_path):
         load_calibration(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="positive"):
         save_calibration(tmp_path / "x.json", [1.0, -1.0])
+
+
+def test_linear_cost_fits_online_steps_and_uses_its_prior_until_sizes_spread():
+    from vllm_dspark.scheduling import LinearCost
+
+    cost = LinearCost(overhead_tokens=10.0)
+    for _ in range(20):
+        cost.observe(8, 0.18)  # one size only: the prior sets the slope, the data the level
+    a, b = cost.coefficients()
+    assert abs(a / b - 10.0) < 1e-9 and abs(cost.seconds(8) - 0.18) < 1e-9
+    for B, t in [(1, 0.101), (16, 0.251), (64, 0.731), (128, 1.371)] * 10:  # t = 0.091 + 0.01 B
+        cost.observe(B, t)
+    a, b = cost.coefficients()
+    assert abs(b - 0.01) < 2e-3 and 0.0 < a < 0.2
+    assert cost.sps(1) > cost.sps(8) > cost.sps(64)
+    # Under load the policy trims: same survival, but a steeper cost per token gives shorter blocks.
+    survival = np.tile([0.8, 0.6, 0.45, 0.3, 0.2], (16, 1))
+    flat = plan_block_lengths(survival, LinearCost(overhead_tokens=1000.0)).lengths.sum()
+    steep = plan_block_lengths(survival, LinearCost(overhead_tokens=2.0)).lengths.sum()
+    assert steep < flat

@@ -10,9 +10,8 @@ Every wrapper calls the upstream method unchanged and only acts when the runner'
 - ``_setup_eagle3_aux_hidden_state_outputs`` (end of ``load_model``): binds the target to our drafter and
   switches the target's aux-hidden-state outputs on at the drafter's layers (upstream only does this for
   EAGLE-3/DFlash). Refuses targets that cannot export hidden states (not ``SupportsEagle3``).
-- ``_update_states`` (start of each step): tells the proposer which requests finished (free their context);
-  on the first step it times a few ``_dummy_run`` forwards (upstream's profiling entry point) to seed the
-  block-length policy's cost table.
+- ``_update_states`` (start of each step): tells the proposer which requests finished (free their context)
+  and starts the step timer the block-length policy's cost model learns from.
 - ``sample_tokens``: snapshots the step's aux hidden states, positions and request layout before upstream
   consumes them, so verified rows are captured even on steps where upstream skips the drafter (any request
   within K tokens of max_model_len).
@@ -122,11 +121,6 @@ def _wrap_update_states(original):
     def update_states(self, scheduler_output):
         if _is_ours(self):
             drafter = self.drafter
-            if drafter.needs_cost_profile and not getattr(self, "use_async_scheduling", False):
-                # First step, nothing in flight: time dummy forwards of a few sizes (upstream's own profiling
-                # entry point) so the block-length policy knows what verifying B tokens costs from the start.
-                drafter.profile_cost(lambda n: self._dummy_run(n, skip_eplb=True, remove_lora=False),
-                                     int(self.scheduler_config.max_num_batched_tokens))
             drafter.on_finished(scheduler_output.finished_req_ids)
         return original(self, scheduler_output)
     return update_states

@@ -26,7 +26,7 @@ import torch
 from ..checkpoint import load_drafter, read_weights, validate_weights
 from ..config import DSparkConfig, DSparkConfigError
 from ..context import ContextGapError, ContextStore, PrefixCache
-from ..scheduling import CALIBRATION_FILE, CostTable, apply_temperature, load_calibration, plan_block_lengths
+from ..scheduling import CALIBRATION_FILE, LinearCost, apply_temperature, load_calibration, plan_block_lengths
 from ..drafting import draft_block
 from . import compat
 from .compat import StepRows
@@ -143,14 +143,13 @@ class DSparkProposer:
         self._gap_reqs: set[str] = set()
         self.records: list[dict] = []
         self.adaptive = self.settings.mode == "adaptive" and self.cfg.enable_confidence_head
-        self.cost = CostTable()  # target steps/s vs verified tokens, learned online from real steps
+        self.cost = LinearCost()  # target step time vs verified tokens, learned online from real steps
         self.calibration = None  # per-position confidence temperatures (vllm-dspark calibrate), if fitted
         cal = Path(self.settings.drafter) / CALIBRATION_FILE
         if cal.exists():
             self.calibration = load_calibration(cal)[0]
         self._g = self.num_spec_tokens  # positions drafted this step (trimmed under load)
         self._step_t0: float | None = None
-        self._profiled = False
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
 
     # ------------------------------------------------------------------ setup
@@ -180,25 +179,6 @@ class DSparkProposer:
                     self.settings.topk, dtype)
 
     # ------------------------------------------------------------------ step hooks
-    @property
-    def needs_cost_profile(self) -> bool:
-        return self.adaptive and not self._profiled and self.drafter is not None
-
-    def profile_cost(self, forward, max_tokens: int) -> None:
-        """Seed the cost table: seconds of one target forward of B tokens, B = 1, 2, 4, ... (best of 2)."""
-        self._profiled = True
-        t_start = time.perf_counter()
-        sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_tokens]
-        for b in sizes:
-            best = float("inf")
-            for _ in range(2):
-                t0 = time.perf_counter()
-                forward(b)
-                best = min(best, time.perf_counter() - t0)
-            self.cost.observe(b, best)
-        logger.info("vllm-dspark: profiled target forward cost for %s tokens in %.1fs", sizes,
-                    time.perf_counter() - t_start)
-
     def on_finished(self, req_ids) -> None:
         self._step_t0 = time.perf_counter()  # a step starts: its forward is timed until ingest
         if self.store is None:
@@ -216,6 +196,13 @@ class DSparkProposer:
         """Append the verified rows of this step to each request's context (one batched projection)."""
         if self.store is None:
             return
+        try:
+            self._ingest(step, sampled_token_ids)
+        except Exception:  # noqa: BLE001 - contexts of this step's requests may now have holes: stop drafting them
+            self._gap_reqs.update(step.req_ids)
+            self._fault("context update")
+
+    def _ingest(self, step: StepRows, sampled_token_ids: list[list[int]]) -> None:
         t0 = time.perf_counter()
         if self._step_t0 is not None:
             self.cost.observe(int(step.query_start_loc[-1]), t0 - self._step_t0)
@@ -303,14 +290,18 @@ class DSparkProposer:
         self._round += 1
         seed = torch.tensor([(zlib.crc32(r.encode()) * 1_000_003 + self._round) & 0x7FFFFFFF for r in req_ids],
                             dtype=torch.int64, device=device)
-        block = draft_block(self.drafter, self.store.gather(req_ids),
-                            torch.tensor(anchors, dtype=torch.int64, device=device), k,
-                            temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
-        tokens = block.tokens.tolist()
-        conf = block.confidence.tolist() if block.confidence is not None else None
-        if self.adaptive and block.confidence_logit is not None:
-            lengths = self._plan(block.confidence_logit, [int(num_tokens_no_spec[i]) for i in rows], k)
-            tokens = [t[:n] for t, n in zip(tokens, lengths)]
+        try:
+            block = draft_block(self.drafter, self.store.gather(req_ids),
+                                torch.tensor(anchors, dtype=torch.int64, device=device), k,
+                                temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
+            tokens = block.tokens.tolist()
+            conf = block.confidence.tolist() if block.confidence is not None else None
+            if self.adaptive and block.confidence_logit is not None:
+                lengths = self._plan(block.confidence_logit, [int(num_tokens_no_spec[i]) for i in rows], k)
+                tokens = [t[:n] for t, n in zip(tokens, lengths)]
+        except Exception:  # noqa: BLE001 - a drafter fault must never take the engine down
+            self._fault("drafting")
+            return out
         for j, i in enumerate(rows):
             out[i] = tokens[j]
             if conf is not None:
@@ -325,6 +316,14 @@ class DSparkProposer:
             self._last_probs = (self._dense_q(block, len(req_ids)), req_ids)
         self.stats.draft_seconds += time.perf_counter() - t0
         return out
+
+    def _fault(self, where: str) -> None:
+        """Fall back to no speculation for this step: one warning with the traceback, then a counter
+        (``stats.faults``, exported as ``vllm_dspark:drafter_faults``)."""
+        self.stats.faults += 1
+        if self.stats.faults == 1:
+            logger.warning("vllm-dspark: the drafter failed during %s; this step runs without speculation "
+                           "(output is unaffected). Later faults are only counted.", where, exc_info=True)
 
     def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int) -> list[int]:
         """Per-request draft lengths maximising expected tokens x steps/s (paper Alg. 1, early stop)."""

@@ -1,0 +1,325 @@
+"""`vllm-dspark bench`: end-to-end decode throughput through vLLM, no speculation vs ngram vs DSpark.
+
+    vllm-dspark bench --target DIR --drafter DIR [--ablation DIR] [--methods none,ngram,dspark,...]
+                      [--concurrency 1,4,16] [--num-prompts N] [--max-tokens 128] [--rounds 3] [-k K] --out DIR
+
+Design (what makes the numbers comparable):
+
+* **One engine per method, built once, all alive together** in this process (in-process engine cores, each
+  with its own small CPU KV cache, ``--kv-cache-gib``). In-process engines bind no OpenMP threads of their
+  own (vLLM only pins threads for engine-core subprocesses), so idle engines cost memory, not CPU. On a
+  machine where they do not fit, ``--rebuild`` builds each method's engine for its cell and drops it after.
+* **Interleaved**: for round r, for concurrency c, for method m: one cell. Slow drift of the machine (other
+  jobs, thermal state) then hits every method alike; each reported number is the median over rounds.
+* **Concurrency is a closed loop** on the engine: at most c requests are in flight; whenever one finishes the
+  next prompt is added at once (what a serving benchmark's ``max_concurrency`` does), driven through
+  ``LLMEngine.add_request`` / ``step``. Unlike waves of c prompts this leaves no slots idle waiting for a
+  wave's slowest request, and unlike ``max_num_seqs=c`` it needs no engine per concurrency.
+* Prompts: the same chat-templated turn-1 prompts (token ids rendered once) for every cell; greedy,
+  ``max_tokens``, EOS honoured. tokens/s = generated tokens / wall seconds of the cell (prefill included).
+* Speculation is lossless for greedy decoding, so within a (round, concurrency) every method must emit the
+  same tokens: ``outputs_identical`` (first mismatches listed when not).
+* tau for speculative methods comes from vLLM's per-request spec-decode metrics (pooled over the cell's
+  rounds), which stay per engine where Prometheus counters would be shared by all engines in the process.
+
+Methods are a registry ``name -> engine kwargs`` (:data:`METHODS`): ``none``, ``ngram`` (K=4, lookup 2-4),
+``dspark`` (plugin defaults: load-aware block lengths when the drafter has a confidence head),
+``dspark-fixed`` (always K drafts), and ``dspark-ablation[-fixed]`` for the ``--ablation`` drafter. Any name
+may take a ``-kN`` suffix that sets ``num_speculative_tokens``, e.g. ``--methods none,dspark-fixed-k3,dspark``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import re
+import shlex
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vllm_dspark.eval.evaluate import default_k, dspark_spec, json_ready, prepare_env
+from vllm_dspark.eval.prompts import load_prompts
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+
+
+def _none(args: argparse.Namespace, k: int | None) -> dict:
+    if k is not None:
+        raise SystemExit("--methods: 'none' takes no -kN suffix")
+    return {}
+
+
+def _ngram(args: argparse.Namespace, k: int | None) -> dict:
+    return {"speculative_config": dict(NGRAM, num_speculative_tokens=k or NGRAM["num_speculative_tokens"])}
+
+
+def _dspark_from(option: str, **settings: Any) -> Callable[[argparse.Namespace, int | None], dict]:
+    def build(args: argparse.Namespace, k: int | None) -> dict:
+        drafter = getattr(args, option)
+        if not drafter:
+            raise SystemExit(f"--methods: this method needs --{option.replace('_', '-')} DIR")
+        return dspark_spec(drafter, k or args.k or default_k(drafter), settings=settings)
+    return build
+
+
+# name -> (args, k override or None) -> LLM(...) kwargs
+METHODS: dict[str, Callable[[argparse.Namespace, int | None], dict]] = {
+    "none": _none,
+    "ngram": _ngram,
+    # The plugin's defaults: load-aware block lengths when the drafter has a confidence head.
+    "dspark": _dspark_from("drafter"),
+    "dspark-fixed": _dspark_from("drafter", mode="fixed"),  # always K drafts
+    # A markov_rank=0 drafter (DFlash-style), same two modes.
+    "dspark-ablation": _dspark_from("ablation"),
+    "dspark-ablation-fixed": _dspark_from("ablation", mode="fixed"),
+}
+_K_SUFFIX = re.compile(r"^(?P<base>.+)-k(?P<k>[1-9][0-9]*)$")
+
+
+def method_kwargs(name: str, args: argparse.Namespace) -> dict:
+    if name in METHODS:
+        return METHODS[name](args, None)
+    m = _K_SUFFIX.match(name)
+    if m and m["base"] in METHODS:
+        return METHODS[m["base"]](args, int(m["k"]))
+    raise SystemExit(f"--methods: unknown method {name!r}; expected one of {sorted(METHODS)}, optionally with a "
+                     "-kN suffix (e.g. dspark-k3)")
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+def build_engine(target: str, kwargs: dict, args: argparse.Namespace):
+    from vllm import LLM
+
+    extra = {"per_request_spec_decode_metrics": "summary"} if "speculative_config" in kwargs else {}
+    return LLM(str(target), dtype=args.dtype, enforce_eager=True, seed=args.seed, max_model_len=args.max_model_len,
+               disable_log_stats=False, **kwargs, **extra)
+
+
+def guard_llvmlite() -> None:
+    """Keep later in-process engines alive once numba is loaded (vLLM 0.32, CPU).
+
+    vLLM's ngram proposer imports numba (llvmlite). Every engine built afterwards in the same process runs
+    ``vllm.triton_utils.dispatcher._rebind_kernels``, which calls ``vars(x).get(...)`` on each module
+    attribute that has a ``__dict__``; llvmlite's lazy ``ffi.lib`` answers the ``__dict__`` lookup with a
+    wrapped C function, so engine start-up dies with "'_lib_fn_wrapper' object has no attribute 'get'".
+    Seeding the wrapper's function table with a real (empty) ``__dict__`` makes the scan skip it; llvmlite
+    never looks that name up itself. Idempotent; a no-op without llvmlite.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("llvmlite") is None:
+        return
+    from llvmlite.binding import ffi
+
+    fntab = getattr(ffi.lib, "_fntab", None)
+    if isinstance(fntab, dict):
+        fntab.setdefault("__dict__", {})
+
+
+_request_ids = itertools.count()
+
+
+def generate_closed_loop(llm, prompts: list[dict], params, concurrency: int) -> tuple[list, float]:
+    """Generate every prompt with at most ``concurrency`` requests in flight; -> (outputs in prompt order, s)."""
+    engine = llm.llm_engine
+    todo = list(range(len(prompts)))[::-1]
+    inflight: dict[str, int] = {}
+    outputs: list = [None] * len(prompts)
+    t0 = time.perf_counter()
+    while todo or inflight:
+        while todo and len(inflight) < concurrency:
+            i = todo.pop()
+            rid = f"bench{next(_request_ids)}"
+            engine.add_request(rid, prompts[i], params)
+            inflight[rid] = i
+        for out in engine.step():
+            if out.finished:
+                outputs[inflight.pop(out.request_id)] = out
+    return outputs, time.perf_counter() - t0
+
+
+def _tokenizer(target: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(target))
+
+
+def _spec_totals(outputs: list) -> tuple[int, int] | None:
+    """(verification rounds, accepted drafts) over the outputs, from vLLM's per-request metrics."""
+    rounds = accepted = 0
+    found = False
+    for o in outputs:
+        m = o.outputs[0].spec_decode_metrics
+        if m is not None:
+            found = True
+            rounds += sum(m.histogram)
+            accepted += sum(j * n for j, n in enumerate(m.histogram))
+    return (rounds, accepted) if found else None
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def _parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise SystemExit(f"{flag} {text!r}: expected comma-separated positive integers")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vllm-dspark bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", required=True, help="target HF folder")
+    ap.add_argument("--drafter", default=None, help="DSpark drafter folder (method 'dspark')")
+    ap.add_argument("--ablation", default=None, help="markov_rank=0 drafter folder (method 'dspark-ablation')")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated, from " + ", ".join(METHODS) + " (+ -kN suffix); default: none,ngram,"
+                         "dspark (+ dspark-ablation with --ablation)")
+    ap.add_argument("--concurrency", default="1,4,16", help="comma-separated maximum requests in flight")
+    ap.add_argument("--prompts", default="mtbench", help="mtbench | FILE (turn-1 prompts)")
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None,
+                    help="DSpark draft tokens (default: the drafter's block size)")
+    ap.add_argument("--warmup-tokens", type=int, default=8, help="untimed warm-up generation per engine (0: none)")
+    ap.add_argument("--rebuild", action="store_true", help="build each engine per cell (when all do not fit)")
+    ap.add_argument("--out", required=True, help="output folder (report.json, PNGs)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE per engine, unless set")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    names = args.methods.split(",") if args.methods else \
+        ["none", "ngram", "dspark"] + (["dspark-ablation"] if args.ablation else [])
+    names = [n.strip() for n in names if n.strip()]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--methods {args.methods!r}: duplicate names")
+    specs = {n: method_kwargs(n, args) for n in names}
+    conc = _parse_ints(args.concurrency, "--concurrency")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: expected >= 1")
+    prompts = load_prompts(args.prompts, args.num_prompts, 1)
+    prepare_env(args.kv_cache_gib)
+    guard_llvmlite()
+
+    from tqdm import tqdm
+    from vllm import SamplingParams
+
+    tokenizer = _tokenizer(args.target)
+    token_prompts = [{"prompt_token_ids": tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": p.turns[0]}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False)} for p in prompts]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=False)
+    warm = SamplingParams(max_tokens=args.warmup_tokens, temperature=0.0) if args.warmup_tokens > 0 else None
+    engines: dict[str, Any] = {}
+
+    def engine(name: str):
+        if name not in engines:
+            engines[name] = build_engine(args.target, specs[name], args)
+            if warm is not None:  # untimed: first-step allocations, lazy init
+                generate_closed_loop(engines[name], token_prompts[: max(conc)], warm, max(conc))
+        return engines[name]
+
+    if not args.rebuild:
+        for n in tqdm(names, desc="building engines"):
+            engine(n)
+    samples: dict[tuple[str, int], list[dict]] = {(n, c): [] for c in conc for n in names}
+    mismatches: list[dict] = []
+    cells = [(r, c, n) for r in range(args.rounds) for c in conc for n in names]
+    reference: dict[tuple[int, int], tuple[str, list[list[int]]]] = {}
+    for r, c, n in tqdm(cells, desc="bench cells (round, concurrency, method)"):
+        llm = engine(n)
+        outputs, seconds = generate_closed_loop(llm, token_prompts, params, c)
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        generated = sum(map(len, tokens))
+        samples[(n, c)].append({"tokens_per_s": generated / seconds, "seconds": seconds, "generated": generated,
+                                "spec": _spec_totals(outputs)})
+        ref_name, ref = reference.setdefault((r, c), (n, tokens))
+        for i, (a, b) in enumerate(zip(tokens, ref)):
+            if a != b and len(mismatches) < 20:
+                mismatches.append({"round": r + 1, "concurrency": c, "method": n, "reference": ref_name, "prompt": i,
+                                   "first_diff": next(j for j, (x, y) in enumerate(zip(a + [-1], b + [-2])) if x != y)})
+        if args.rebuild:
+            del llm
+            engines.pop(n)
+            gc.collect()
+
+    report = _report(args, argv, names, specs, conc, samples, mismatches)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from vllm_dspark.eval.plots import plot_throughput, plot_throughput_vs_concurrency
+
+    report["plots"] = {"throughput": Path(plot_throughput(report["results"], out / "throughput.png")).name,
+                       "throughput_vs_concurrency": Path(plot_throughput_vs_concurrency(
+                           report["results"], out / "throughput_vs_concurrency.png")).name}
+    (out / "report.json").write_text(json.dumps(json_ready(report), indent=2) + "\n")
+    print(format_table(report))
+    print(f"report: {out / 'report.json'}")
+    return 0 if report["outputs_identical"] else 1
+
+
+def _report(args, argv, names, specs, conc, samples, mismatches) -> dict:
+    results = []
+    for c in conc:
+        for n in names:
+            cell = samples[(n, c)]
+            spec = [s["spec"] for s in cell if s["spec"] is not None]
+            rounds = sum(s[0] for s in spec)
+            results.append({
+                "method": n, "concurrency": c,
+                "tokens_per_s": statistics.median(s["tokens_per_s"] for s in cell),
+                "samples": [s["tokens_per_s"] for s in cell],
+                "seconds": [s["seconds"] for s in cell],
+                "generated_tokens": [s["generated"] for s in cell],
+                # Verified rounds and tokens per round incl. the bonus; None for no speculation (tau is also
+                # None for a speculative method that never drafted, e.g. ngram without n-gram matches).
+                "spec_rounds": rounds if spec else None,
+                "tau": 1.0 + sum(s[1] for s in spec) / rounds if rounds else None,
+            })
+    baseline = "none" if "none" in names else names[0]
+    median = {(r["method"], r["concurrency"]): r["tokens_per_s"] for r in results}
+    ratios = {n: {str(c): median[(n, c)] / median[(baseline, c)] for c in conc} for n in names if n != baseline}
+    return {
+        "results": results,
+        "baseline": baseline,
+        "ratios": ratios,
+        "outputs_identical": not mismatches,
+        "mismatches": mismatches,
+        "config": {"target": str(args.target), "drafter": args.drafter, "ablation": args.ablation,
+                   "methods": specs, "concurrency": conc, "prompts": args.prompts, "num_prompts": args.num_prompts,
+                   "max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": args.dtype,
+                   "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "seed": args.seed,
+                   "concurrency_mode": "closed loop: at most c requests in flight, next prompt added on finish",
+                   "order": "for round, for concurrency, for method (interleaved); median over rounds",
+                   "engines": "rebuilt per cell" if args.rebuild else "one per method, built once, all alive"},
+        "command": shlex.join(["vllm-dspark", "bench", *argv]),
+    }
+
+
+def format_table(report: dict) -> str:
+    conc = report["config"]["concurrency"]
+    rows = {}
+    for r in report["results"]:
+        ratio = report["ratios"].get(r["method"], {}).get(str(r["concurrency"]))
+        tau = f" tau {r['tau']:.2f}" if r["tau"] is not None else ""
+        rows.setdefault(r["method"], {})[r["concurrency"]] = \
+            f"{r['tokens_per_s']:.1f}" + (f" ({ratio:.2f}x{tau})" if ratio is not None else "")
+    width = max(8, *map(len, rows))
+    col = max(12, *(len(v) for cells in rows.values() for v in cells.values()))
+    lines = [f"tokens/s, median of {report['config']['rounds']} round(s); (ratio to {report['baseline']}, tau)",
+             f"{'method':<{width}}  " + "  ".join(f"{'c=' + str(c):>{col}}" for c in conc)]
+    for name, cells in rows.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{cells.get(c, '-'):>{col}}" for c in conc))
+    lines.append("greedy outputs identical across methods: " + ("yes" if report["outputs_identical"] else
+                                                             f"NO ({len(report['mismatches'])}+ mismatches)"))
+    return "\n".join(lines)
