@@ -24,8 +24,9 @@ REGISTRATION_LOG_ENV = "VLLM_DSPARK_REGISTRATION_LOG"
 # Installation steps run by register(), in order. Each is a module with an ``install()`` function; a module
 # that does not exist (yet) is skipped, so the list can name steps before they are written.
 # The runner wrappers (vllm_dspark.integration.compat) are NOT installed here: they import vLLM's model runner
-# (heavy) and are only needed where a DSparkProposer is built, which installs them itself.
-_INSTALLERS: tuple[str, ...] = ()
+# (heavy) and are only needed where a DSparkProposer is built, which installs them itself. The metrics step
+# only registers a Prometheus collector (so the API server's /metrics shows vllm_dspark:* numbers).
+_INSTALLERS: tuple[str, ...] = ("vllm_dspark.integration.metrics",)
 
 # Names exported lazily: attribute -> module that defines it.
 _LAZY: dict[str, str] = {"DSparkProposer": "vllm_dspark.integration.proposer"}

@@ -221,5 +221,11 @@ def test_serve_with_drafter_streams_and_counts_drafts(tiny_llama_dir, tmp_path):
         drafts = [float(line.split()[-1]) for line in metrics.splitlines()
                   if line.startswith("vllm:spec_decode_num_drafts_total")]
         assert drafts and drafts[0] > 0, metrics[-2000:]
+        # Our own metrics, published by the proposer in the engine process, scraped from the API server.
+        ours = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("vllm_dspark:")}
+        assert ours.get("vllm_dspark:draft_steps_total", 0) > 0, metrics[-3000:]
+        assert ours.get('vllm_dspark:drafted_tokens_total{position="1"}', 0) > 0
+        assert "vllm_dspark:block_length_total" in metrics and "vllm_dspark:active_requests" in metrics
     finally:
         _stop(proc)

@@ -28,7 +28,7 @@ from ..config import DSparkConfig, DSparkConfigError
 from ..context import ContextGapError, ContextStore, PrefixCache
 from ..scheduling import CALIBRATION_FILE, LinearCost, apply_temperature, load_calibration, plan_block_lengths
 from ..drafting import draft_block
-from . import compat
+from . import compat, metrics
 from .compat import StepRows
 
 logger = logging.getLogger("vllm_dspark")
@@ -187,6 +187,8 @@ class DSparkProposer:
             self.store.free(r)
             self._gap_reqs.discard(r)
             self._confidence.pop(r, None)
+        if req_ids:
+            metrics.publish(self, force=not self.store.slots)  # an idle engine reports 0 active at once
 
     @property
     def num_active_requests(self) -> int:
@@ -315,6 +317,7 @@ class DSparkProposer:
         if want_q:
             self._last_probs = (self._dense_q(block, len(req_ids)), req_ids)
         self.stats.draft_seconds += time.perf_counter() - t0
+        metrics.publish(self)
         return out
 
     def _fault(self, where: str) -> None:

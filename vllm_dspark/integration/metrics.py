@@ -1,0 +1,155 @@
+"""``vllm_dspark:`` metrics on the server's ``/metrics`` and offline.
+
+The proposer lives in vLLM's engine/worker process; ``/metrics`` is served by the API-server process. The
+proposer therefore publishes a small JSON snapshot of its counters (at most every ``PUBLISH_INTERVAL_S``)
+into a per-deployment directory, and a Prometheus collector registered by the plugin in every process
+(``register()`` -> :func:`install`) reads the snapshots when scraped. The directory is created by the first
+process that registers and handed to vLLM's child processes through ``VLLM_DSPARK_METRICS_DIR``.
+Offline, :func:`read_metrics` returns the same numbers as a dict (``llm.get_metrics()`` keeps only ``vllm:``).
+
+Exported (K = draft positions):
+- ``vllm_dspark:drafted_tokens_total{position}`` / ``vllm_dspark:accepted_tokens_total{position}``: verified and
+  accepted drafts per position (1-based); ``vllm_dspark:acceptance_conditional{position}``: P(k accepted |
+  k-1 accepted); ``vllm_dspark:rounds_total``: verification rounds.
+- ``vllm_dspark:block_length_total{length}``: how often each draft length was chosen (adaptive mode).
+- ``vllm_dspark:draft_seconds_total``, ``vllm_dspark:draft_steps_total``, ``vllm_dspark:drafter_ms_per_step``:
+  drafter time (context update + drafting).
+- ``vllm_dspark:active_requests``: requests holding drafter context (returns to 0 when traffic stops).
+- ``vllm_dspark:drafter_faults_total``, ``vllm_dspark:skipped_no_context_total``.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_DIR_ENV = "VLLM_DSPARK_METRICS_DIR"
+PUBLISH_INTERVAL_S = 0.5
+_INSTALLED = False
+
+
+def metrics_dir() -> Path:
+    """This deployment's snapshot directory (created, and exported to child processes, on first use)."""
+    path = os.environ.get(METRICS_DIR_ENV)
+    if not path:
+        path = tempfile.mkdtemp(prefix="vllm-dspark-metrics-")
+        os.environ[METRICS_DIR_ENV] = path
+        atexit.register(shutil.rmtree, path, True)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def snapshot(proposer: Any) -> dict[str, Any]:
+    s = proposer.stats
+    return {
+        "pid": os.getpid(), "time": time.time(), "rounds": s.num_rounds, "drafted_at": list(s.drafted_at),
+        "accepted_at": list(s.accepted_at), "length_hist": {str(k): v for k, v in s.length_hist.items()},
+        "draft_seconds": s.draft_seconds + s.ingest_seconds, "steps": s.steps, "faults": s.faults,
+        "skipped_no_context": s.skipped_gap, "active_requests": proposer.num_active_requests,
+    }
+
+
+def publish(proposer: Any, force: bool = False) -> None:
+    """Write this process's snapshot (atomic rename), at most every PUBLISH_INTERVAL_S unless forced."""
+    now = time.monotonic()
+    if not force and now - getattr(proposer, "_metrics_published", 0.0) < PUBLISH_INTERVAL_S:
+        return
+    proposer._metrics_published = now
+    directory = metrics_dir()
+    tmp = directory / f".{os.getpid()}.json.tmp"
+    tmp.write_text(json.dumps(snapshot(proposer)))
+    tmp.replace(directory / f"{os.getpid()}.json")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def read_metrics(directory: str | Path | None = None) -> dict[str, Any]:
+    """Sum of the snapshots of live processes (one proposer per engine), as plain numbers."""
+    directory = Path(directory or os.environ.get(METRICS_DIR_ENV) or "")
+    total: dict[str, Any] = {"rounds": 0, "drafted_at": [], "accepted_at": [], "length_hist": {},
+                             "draft_seconds": 0.0, "steps": 0, "faults": 0, "skipped_no_context": 0,
+                             "active_requests": 0}
+    if not directory.is_dir():
+        return total
+    for file in directory.glob("*.json"):
+        try:
+            snap = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not _alive(int(snap.get("pid", -1))):
+            continue
+        for key in ("rounds", "draft_seconds", "steps", "faults", "skipped_no_context", "active_requests"):
+            total[key] += snap[key]
+        for key in ("drafted_at", "accepted_at"):
+            vals = snap[key]
+            total[key] += [0] * (len(vals) - len(total[key]))
+            total[key] = [a + b for a, b in zip(total[key], vals + [0] * (len(total[key]) - len(vals)))]
+        for k, v in snap["length_hist"].items():
+            total["length_hist"][k] = total["length_hist"].get(k, 0) + v
+    return total
+
+
+class DSparkCollector:
+    """Prometheus collector over the snapshot directory (registered once per process)."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        m = read_metrics()
+        drafted = CounterMetricFamily("vllm_dspark:drafted_tokens", "Verified draft tokens by position",
+                                      labels=["position"])
+        accepted = CounterMetricFamily("vllm_dspark:accepted_tokens", "Accepted draft tokens by position",
+                                       labels=["position"])
+        conditional = GaugeMetricFamily("vllm_dspark:acceptance_conditional",
+                                        "P(position k accepted | k-1 accepted)", labels=["position"])
+        prev = None
+        for k, (d, a) in enumerate(zip(m["drafted_at"], m["accepted_at"]), start=1):
+            drafted.add_metric([str(k)], d)
+            accepted.add_metric([str(k)], a)
+            # Conditional on reaching k: rounds that accepted k-1 and drafted k.
+            reached = d if prev is None else min(prev, d)
+            conditional.add_metric([str(k)], a / reached if reached else 0.0)
+            prev = a
+        yield drafted
+        yield accepted
+        yield conditional
+        lengths = CounterMetricFamily("vllm_dspark:block_length", "Chosen draft lengths", labels=["length"])
+        for k, v in sorted(m["length_hist"].items(), key=lambda kv: int(kv[0])):
+            lengths.add_metric([k], v)
+        yield lengths
+        yield CounterMetricFamily("vllm_dspark:rounds", "Verification rounds", value=m["rounds"])
+        yield CounterMetricFamily("vllm_dspark:draft_seconds", "Drafter seconds", value=m["draft_seconds"])
+        yield CounterMetricFamily("vllm_dspark:draft_steps", "Engine steps seen by the drafter", value=m["steps"])
+        yield GaugeMetricFamily("vllm_dspark:drafter_ms_per_step", "Mean drafter milliseconds per step",
+                                value=1000.0 * m["draft_seconds"] / m["steps"] if m["steps"] else 0.0)
+        yield GaugeMetricFamily("vllm_dspark:active_requests", "Requests holding drafter context",
+                                value=m["active_requests"])
+        yield CounterMetricFamily("vllm_dspark:drafter_faults", "Drafter failures (steps without speculation)",
+                                  value=m["faults"])
+        yield CounterMetricFamily("vllm_dspark:skipped_no_context", "Proposals skipped: no complete context",
+                                  value=m["skipped_no_context"])
+
+
+def install() -> None:
+    """register() step: make the snapshot directory known to child processes and register the collector."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _INSTALLED = True
+    metrics_dir()
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:  # vLLM always has it; the core library does not need it
+        return
+    REGISTRY.register(DSparkCollector())
