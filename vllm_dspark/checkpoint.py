@@ -113,6 +113,16 @@ def target_embeddings(target: str | Path | torch.nn.Module) -> tuple[torch.Tenso
     return embed.detach(), head.detach()
 
 
+def read_target_config(target: str | Path) -> dict[str, Any]:
+    """The target folder's config.json; a missing folder or file is a DSparkConfigError, not a traceback."""
+    file = Path(target) / "config.json"
+    if not file.is_file():
+        what = "no config.json in it" if Path(target).is_dir() else "not a readable directory"
+        raise DSparkConfigError(f"target={str(target)!r}: {what}; expected the target's HF model folder "
+                                "(config.json + *.safetensors)")
+    return json.loads(file.read_text())
+
+
 def load_drafter(directory: str | Path, target: str | Path | torch.nn.Module | None = None, *,
                  target_config: Any = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> DSparkDrafter:
@@ -123,7 +133,7 @@ def load_drafter(directory: str | Path, target: str | Path | torch.nn.Module | N
                                 "checkpoint directory (config.json + *.safetensors)")
     cfg = DSparkConfig.load(directory)
     if target_config is None and target is not None and not isinstance(target, torch.nn.Module):
-        target_config = json.loads((Path(target) / "config.json").read_text())
+        target_config = read_target_config(target)
     if target_config is not None:
         cfg.check_target(target_config)
     weights = read_weights(directory)
@@ -204,15 +214,22 @@ def _pick_mask_token(t: Mapping[str, Any]) -> int:
     return 0
 
 
-def init_drafter(target_dir: str | Path, out_dir: str | Path, *, seed: int = 0, **kwargs) -> DSparkDrafter:
-    target_cfg = json.loads((Path(target_dir) / "config.json").read_text())
-    cfg = config_for_target(target_cfg, **kwargs)
+def new_drafter(target: str | Path | torch.nn.Module, target_config: Mapping[str, Any], *, seed: int = 0,
+                **kwargs) -> DSparkDrafter:
+    """A fresh drafter sized for the target: initialised weights, the target's embeddings and LM head."""
+    cfg = config_for_target(target_config, **kwargs)
     torch.manual_seed(seed)
     model = DSparkDrafter(cfg)
     init_weights(model)
-    embed, head = target_embeddings(target_dir)
+    embed, head = target_embeddings(target)
     model.embed_tokens.weight.data.copy_(embed[: cfg.vocab_size].float())
     model.lm_head.weight.data.copy_(head[: cfg.draft_vocab].float())
+    return model
+
+
+def init_drafter(target_dir: str | Path, out_dir: str | Path, *, seed: int = 0, **kwargs) -> DSparkDrafter:
+    """`vllm-dspark init`: :func:`new_drafter` for a target folder, saved to ``out_dir``."""
+    model = new_drafter(target_dir, read_target_config(target_dir), seed=seed, **kwargs)
     save_drafter(model, out_dir)
     return model
 
@@ -242,8 +259,8 @@ def summary(model: DSparkDrafter, directory: str | Path) -> str:
         f"vocab         {cfg.vocab_size} (draft {cfg.draft_vocab}), mask token {cfg.mask_token_id}",
         f"block         {cfg.block_size} -> up to {cfg.max_draft_tokens} drafts per round "
         f"(sample_from_anchor={cfg.sample_from_anchor})",
-        f"markov head   " + (f"{cfg.markov_head_type}, rank {cfg.markov_rank}" if cfg.has_markov else "none (ablation)"),
-        f"confidence    " + ("on" + (" (with Markov term)" if cfg.confidence_head_with_markov else "")
+        "markov head   " + (f"{cfg.markov_head_type}, rank {cfg.markov_rank}" if cfg.has_markov else "none (ablation)"),
+        "confidence    " + ("on" + (" (with Markov term)" if cfg.confidence_head_with_markov else "")
                               if cfg.enable_confidence_head else "off"),
         f"parameters    {n_train / 1e6:.2f} M trainable",
     ]

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_dspark.eval.metrics import expected_calibration_error
 
 __all__ = [
     "CALIBRATION_FILE",

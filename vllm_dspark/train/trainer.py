@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import config_for_target, init_weights, load_drafter, save_drafter, target_embeddings
+from ..checkpoint import load_drafter, new_drafter, save_drafter, target_embeddings
 from ..config import DSparkConfig
 from ..model.drafter import DSparkDrafter
 from .features import TargetFeatures, load_target
@@ -164,18 +164,6 @@ def get_lr(step: int, total: int, lr: float, warmup_frac: float, min_lr_frac: fl
 
 
 # ----------------------------------------------------------------------------- drafter
-def new_drafter(target, target_config: Mapping[str, Any], *, seed: int, **config_kwargs) -> DSparkDrafter:
-    """init_drafter's semantics without writing anything: fresh weights, the target's embeddings/LM head."""
-    cfg = config_for_target(target_config, **config_kwargs)
-    torch.manual_seed(seed)
-    model = DSparkDrafter(cfg)
-    init_weights(model)
-    embed, head = target_embeddings(target)
-    model.embed_tokens.weight.data.copy_(embed[: cfg.vocab_size].float())
-    model.lm_head.weight.data.copy_(head[: cfg.draft_vocab].float())
-    return model
-
-
 class LossModule(nn.Module):
     """The drafter with :func:`dspark_loss` as its forward, so DDP can wrap it (DDP syncs gradients of what
     runs through its forward). Returns (weighted_sum, weight_sum, stats [3, g])."""
