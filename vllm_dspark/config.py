@@ -4,7 +4,8 @@ Formats read:
 - DeepSpec / vLLM ``Qwen3DSparkModel`` config.json: a Qwen3 config plus DSpark keys (``block_size``,
   ``mask_token_id``, ``target_layer_ids``, ``markov_rank``, ...). Values may also sit in a nested
   ``dflash_config`` or ``eagle_config`` (vLLM's precedence: dflash_config > eagle_config > top level) and
-  under vLLM's aliases ``dspark_target_layer_ids``, ``dspark_noise_token_id``, ``dspark_block_size``.
+  under vLLM's aliases ``dspark_target_layer_ids`` (wins over a top-level ``target_layer_ids``, as in vLLM),
+  ``dspark_noise_token_id`` and ``dspark_block_size`` (fallbacks).
 - speculators ``dspark``: flat config with ``transformer_layer_config`` and ``aux_hidden_state_layer_ids``
   (= target_layer_ids + 1, vLLM's aux-hidden-state indexing where 0 is the embedding output).
 Written: always the DeepSpec format (``to_dict``), so vLLM's in-tree loader reads what we save.
@@ -114,12 +115,12 @@ class DSparkConfig:
             # vLLM silently treats an unknown DSpark architecture as DeepSeek-V4; we refuse.
             raise _bad("architectures", archs, f"one of {list(KNOWN_ARCHITECTURES)}")
 
-        def pick(name: str, *aliases: str) -> Any:
+        def pick(name: str, top_level: tuple[str, ...]) -> Any:
             for section in ("dflash_config", "eagle_config"):
                 nested = raw.get(section)
                 if isinstance(nested, Mapping) and nested.get(name) is not None:
                     return nested[name]
-            for key in (name, *aliases):
+            for key in top_level:
                 if raw.get(key) is not None:
                     return raw[key]
             return None
@@ -132,12 +133,14 @@ class DSparkConfig:
         for f in dataclasses.fields(cls):
             if f.name == "extra":
                 continue
-            alias = {
-                "target_layer_ids": ("dspark_target_layer_ids",),
-                "mask_token_id": ("dspark_noise_token_id",),
-                "block_size": ("dspark_block_size",),
-            }.get(f.name, ())
-            value = pick(f.name, *alias)
+            # Top-level keys in vLLM 0.32's order: dspark_target_layer_ids wins over target_layer_ids
+            # (eagle3_utils.get_eagle3_aux_layers_from_config), the other aliases are fallbacks.
+            top_level = {
+                "target_layer_ids": ("dspark_target_layer_ids", "target_layer_ids"),
+                "mask_token_id": ("mask_token_id", "dspark_noise_token_id"),
+                "block_size": ("block_size", "dspark_block_size"),
+            }.get(f.name, (f.name,))
+            value = pick(f.name, top_level)
             if value is not None:
                 kwargs[f.name] = value
             consumed.add(f.name)
