@@ -3,6 +3,8 @@
 - ``tiny_llama_dir`` / ``tiny_qwen3_dir`` (session): random LlamaForCausalLM / Qwen3ForCausalLM folders with a
   matching 512-token byte-level BPE tokenizer (ChatML template, SmolLM2's special-token ids). Built in a second;
   seeded, so every session gets the same weights. Shapes in ``TINY_SHAPE``.
+- ``smooth_target`` (module): an in-memory tiny Llama at init range 0.08 whose continuations a drafter can
+  learn (``build_smooth_llama``); ``own_answers`` gives its answers to random chat prompts as training rows.
 - ``smollm2_dir`` (session): the converted SmolLM2-135M-Instruct folder (~30 s the first time on a machine,
   cached in ~/.cache/vllm-dspark afterwards).
 - ``vllm_env``: environment for an in-process vLLM engine on CPU (small KV cache, no engine-core subprocess)
@@ -117,6 +119,59 @@ def build_tiny_model(out: Path, architecture: str, seed: int = 0) -> Path:
     model.save_pretrained(out)
     build_tiny_tokenizer(out)
     return out
+
+
+def build_smooth_llama(logit_scale: float = 1.0):
+    """A random TINY_SHAPE Llama at init range 0.08, seeded (the same weights every call).
+
+    The 0.4 of ``build_tiny_model`` gives a target whose greedy next token is chaotic in its context: no small
+    drafter generalises it to unseen prompts within minutes of CPU; at 0.08 answers still hold ~19 distinct
+    tokens per 48 but depend on context smoothly. Its T=1 distributions are nearly flat (perplexity ~360 of
+    512): ``logit_scale`` multiplies the LM head (4 gives perplexity ~10-16, top token ~0.38 on average) for
+    tests that sample at temperature 1.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**TINY_SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                      initializer_range=0.08)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    if logit_scale != 1.0:
+        model.lm_head.weight.mul_(logit_scale)
+    return model
+
+
+def own_answers(model, tokenizer, n: int, seed: int, new_tokens: int = 48, temperature: float = 0.0):
+    """The target's answers to ``n`` random chat prompts, kept as token ids (no text round trip), as
+    ``trainer.Example`` rows (loss mask on the answer). Greedy by default; ``temperature`` > 0 samples
+    (no top-k/top-p, seeded by ``seed``)."""
+    import random
+
+    import torch
+    from vllm_dspark.train import trainer
+
+    rng = random.Random(seed)
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": " ".join(rng.choices(_WORDS, k=rng.randint(3, 8)))}],
+        tokenize=True, add_generation_prompt=True)["input_ids"] for _ in range(n)]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # left-padded for generate
+    sampling = dict(do_sample=False)
+    if temperature > 0:
+        torch.manual_seed(seed)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=new_tokens,
+                             pad_token_id=0, **sampling)
+    return [trainer.Example(p + out[i, T:].tolist(), [False] * len(p) + [True] * new_tokens)
+            for i, p in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def smooth_target():
+    """``build_smooth_llama()``: a tiny Llama whose continuations a small drafter can learn."""
+    return build_smooth_llama()
 
 
 @pytest.fixture(scope="session")

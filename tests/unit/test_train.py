@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import own_answers
 
 from vllm_dspark.checkpoint import init_weights, load_drafter
 from vllm_dspark.config import DSparkConfig
@@ -194,37 +195,6 @@ def test_target_features_are_the_aux_hidden_states_and_logits(tiny_llama_dir, tm
 
 
 # ----------------------------------------------------------------------------- learning
-@pytest.fixture(scope="module")
-def smooth_target():
-    """A random TINY_SHAPE Llama at init range 0.08 (the shared fixture's 0.4 gives a target whose greedy next
-    token is chaotic in its context: no small drafter generalises it to unseen prompts within minutes of CPU;
-    at 0.08 answers still hold ~19 distinct tokens per 48 but depend on context smoothly)."""
-    from conftest import TINY_SHAPE
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**TINY_SHAPE, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-                      initializer_range=0.08)
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
-
-
-def own_answers(model, tokenizer, n: int, seed: int, new_tokens: int = 48) -> list[trainer.Example]:
-    """The target's greedy answers to random prompts, kept as token ids (no text round trip)."""
-    from conftest import _WORDS
-
-    rng = random.Random(seed)
-    prompts = [tokenizer.apply_chat_template(
-        [{"role": "user", "content": " ".join(rng.choices(_WORDS, k=rng.randint(3, 8)))}],
-        tokenize=True, add_generation_prompt=True)["input_ids"] for _ in range(n)]
-    T = max(map(len, prompts))
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # left-padded for generate
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
-    return [trainer.Example(p + out[i, T:].tolist(), [False] * len(p) + [True] * new_tokens)
-            for i, p in enumerate(prompts)]
-
-
 def test_training_raises_greedy_acceptance_on_held_out_prompts(smooth_target, tiny_llama_dir):
     from transformers import AutoTokenizer
 

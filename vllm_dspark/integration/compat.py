@@ -95,7 +95,38 @@ def install() -> None:
     _wrap(GPUModelRunner, "_update_states", _wrap_update_states)
     _wrap(GPUModelRunner, "sample_tokens", _wrap_sample_tokens)
     _wrap(GPUModelRunner, "propose_draft_token_ids", _wrap_propose)
+    _fix_cpu_temperature_expansion()
     _INSTALLED = True
+
+
+def _fix_cpu_temperature_expansion() -> None:
+    """vLLM 0.32 CPU bug: the rejection sampler's ``expand_batch_to_tokens`` runs a CPU kernel on an int64
+    *copy* of its float output (``_ensure_int64``) and returns the untouched buffer, so at temperature > 0 the
+    target logits of draft positions are divided by garbage (mostly token 0 comes out; any drafter, not only
+    ours). Greedy is unaffected. If the installed function expands a float tensor wrongly on CPU, replace it
+    (``apply_sampling_constraints`` looks it up as a module global) with a plain torch expansion."""
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler
+
+    if not current_platform.is_cpu():
+        return
+    x = torch.tensor([0.7, 1.0, 0.0, 2.5])
+    want = torch.tensor([0.7, 0.7, 1.0, 1.0, 1.0, 2.5])
+    try:
+        ok = torch.allclose(rejection_sampler.expand_batch_to_tokens(
+            x, torch.tensor([2, 5, 5, 6]), 6, replace_from=0, replace_to=1), want)
+    except Exception:  # noqa: BLE001 - a failing kernel is as broken as a wrong one
+        ok = False
+    if ok:
+        return
+
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+        out = torch.repeat_interleave(x, counts, output_size=num_tokens)
+        return out.masked_fill(out == replace_from, replace_to)
+
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+    logger.info("vllm-dspark: patched vLLM's CPU expand_batch_to_tokens (temperature > 0 speculative sampling)")
 
 
 # --------------------------------------------------------------------------- wrappers
