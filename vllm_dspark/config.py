@@ -100,6 +100,9 @@ class DSparkConfig:
     def load(cls, path: str | Path) -> "DSparkConfig":
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
+        if path.is_file() and path.suffix != ".json":
+            raise DSparkConfigError(f"drafter={str(path)!r}: a file, not a directory; expected a drafter "
+                                    "checkpoint directory (config.json + *.safetensors)")
         if not file.is_file():
             raise DSparkConfigError(f"config.json: not found at {str(file)!r}: expected a drafter directory")
         try:

@@ -221,3 +221,28 @@ def test_drafter_fault_falls_back_to_no_speculation(vllm_env, drafters, monkeypa
     assert len(warnings) == 1
     assert _spec_counters(llm)["vllm:spec_decode_num_drafts"] > 0  # the other steps still drafted
     _close(llm)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm_multiprocessing
+def test_tensor_parallel_2_on_cpu(vllm_env, drafters, monkeypatch):
+    """TP=2 on the CPU backend: vLLM's automatic thread binding refuses 2 workers on one NUMA node of 2 cores,
+    so bind one core per rank by hand. The drafter is replicated; its embeddings come from the checkpoint."""
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    target, drafter_dir = drafters["llama"]
+    prompts, sp = _prompts(2), SamplingParams(max_tokens=16, temperature=0)
+    kw = dict(enforce_eager=True, dtype="float32", max_model_len=256, seed=0, block_size=32,
+              tensor_parallel_size=2, distributed_executor_backend="mp", disable_log_stats=False)
+    base = LLM(str(target), **kw)
+    want = [list(o.outputs[0].token_ids) for o in base.generate(prompts, sp, use_tqdm=False)]
+    del base
+    gc.collect()
+    llm = LLM(str(target), speculative_config=dict(SPEC, num_speculative_tokens=3),
+              additional_config={"dspark": {"drafter": str(drafter_dir), "mode": "fixed"}}, **kw)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert got == want
+    assert _spec_counters(llm)["vllm:spec_decode_num_drafts"] > 0
+    del llm
+    gc.collect()

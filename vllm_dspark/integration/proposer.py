@@ -166,7 +166,12 @@ class DSparkProposer:
         device = next(target_model.parameters()).device
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             self.settings.dtype, torch.float32 if device.type == "cpu" else vllm_config.model_config.dtype)
-        self.drafter = load_drafter(self.settings.drafter, target_model, dtype=dtype, device=device)
+        # Under tensor parallelism the target's embedding and LM head are vocab-sharded: take the full
+        # matrices from the target's checkpoint files instead (the drafter is replicated on every rank).
+        source = target_model
+        if int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)) > 1:
+            source = vllm_config.model_config.model
+        self.drafter = load_drafter(self.settings.drafter, source, dtype=dtype, device=device)
         prefix = None
         if self._prefix_block_size:
             row_bytes = 2 * self.drafter.fc.weight.element_size() * self.cfg.num_hidden_layers * \
