@@ -40,7 +40,7 @@ def gpt2_dir(tmp_path_factory) -> Path:
     SupportsEagle3, so it cannot hand intermediate hidden states to a drafter."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from conftest import build_tiny_tokenizer
+    from tiny_models import build_tiny_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-gpt2")
     cfg = GPT2Config(n_embd=128, n_layer=4, n_head=2, vocab_size=512, n_positions=512, bos_token_id=1,

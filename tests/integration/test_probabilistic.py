@@ -45,7 +45,7 @@ PROMPT = "the water was good and the day was long"
 @pytest.fixture(scope="module")
 def sharp_target(tmp_path_factory):
     """(folder, in-memory HF model, tokenizer) of the smooth tiny Llama with a x4 LM head."""
-    from conftest import build_smooth_llama, build_tiny_tokenizer
+    from tiny_models import build_smooth_llama, build_tiny_tokenizer
 
     out = tmp_path_factory.mktemp("sharp-llama")
     model = build_smooth_llama(logit_scale=LOGIT_SCALE)
@@ -57,7 +57,7 @@ def sharp_target(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_drafter(sharp_target, tmp_path_factory) -> Path:
     """A 1-layer drafter distilled from the target's own T=1 answers (~20 s of one CPU thread)."""
-    from conftest import own_answers
+    from tiny_models import own_answers
 
     from vllm_dspark.checkpoint import save_drafter
     from vllm_dspark.train import trainer
@@ -326,7 +326,7 @@ def test_t1_output_distribution_is_the_targets_and_a_mismatched_q_is_caught(engi
 def test_probabilistic_drafts_accept_more_than_greedy_drafts(engine_env, sharp_target, trained_drafter):
     import random
 
-    from conftest import _WORDS
+    from tiny_models import _WORDS
     from vllm import SamplingParams
 
     target_dir, _, tokenizer = sharp_target

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import own_answers
+from tiny_models import own_answers
 
 from vllm_dspark.checkpoint import init_weights, load_drafter
 from vllm_dspark.config import DSparkConfig
@@ -229,7 +229,7 @@ def test_training_raises_greedy_acceptance_on_held_out_prompts(smooth_target, ti
 # ----------------------------------------------------------------------------- the CLI: resume, DDP
 @pytest.fixture(scope="module")
 def chat_file(tmp_path_factory):
-    from conftest import _WORDS
+    from tiny_models import _WORDS
 
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("data") / "chat.jsonl"
