@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,11 @@ def vllm_env(request, monkeypatch) -> VllmTestEnv:
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return VllmTestEnv(env=env)
+    # An in-process engine left for the garbage collector by an earlier test tears down vLLM's global
+    # parallel groups whenever it is finally collected, possibly in the middle of this test's engine.
+    gc.collect()
+    yield VllmTestEnv(env=env)
+    gc.collect()
 
 
 def pytest_configure(config):

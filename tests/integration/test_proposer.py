@@ -95,12 +95,14 @@ def test_greedy_lossless_and_drafts_match_hf_hidden_states(vllm_env, drafters, a
     # compat wrappers delivered (prefill chunks, accepted tokens, cached prefixes) were exactly right.
     from transformers import AutoModelForCausalLM
 
+    from vllm_dspark.integration.compat import external_request_id
+
     hf = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
     drafter = load_drafter(drafter_dir, target)
     seqs = {o.request_id: list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in first + second}
     mismatches = 0
     for rec in records[::3]:
-        seq = seqs[rec["req_id"].rsplit("-", 1)[0]]
+        seq = seqs[external_request_id(rec["req_id"])]
         n = rec["position"]
         assert seq[n] == rec["anchor"]
         with torch.no_grad():

@@ -130,11 +130,11 @@ class EvalRun:
 
 
 def _prompt_index(internal_id: str, index: dict[str, int]) -> int | None:
-    # vLLM 0.32 makes the engine-internal request id (what the proposer sees) by appending "-<random hex>"
-    # to the id it returns in RequestOutput.
+    from vllm_dspark.integration.compat import external_request_id
+
     if internal_id in index:
         return index[internal_id]
-    return index.get(internal_id.rsplit("-", 1)[0])
+    return index.get(external_request_id(internal_id))
 
 
 def run_drafter(target: str, drafter: str, label: str, prompts: list[Prompt], args: argparse.Namespace) -> EvalRun:

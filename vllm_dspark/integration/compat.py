@@ -218,3 +218,9 @@ def proposer_of(llm: Any):
     except AttributeError:
         return None
 
+
+def external_request_id(internal_id: str) -> str:
+    """The id ``LLM.generate`` returns for a request the runner (and so the proposer) knows as
+    ``internal_id``: vLLM 0.32 appends "-<random hex>" to make engine-internal ids unique."""
+    return internal_id.rsplit("-", 1)[0]
+

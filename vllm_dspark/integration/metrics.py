@@ -66,16 +66,34 @@ def publish(proposer: Any, force: bool = False) -> None:
     tmp.replace(directory / f"{os.getpid()}.json")
 
 
-def _alive(pid: int) -> bool:
+def _parent(pid: int) -> int | None:
     try:
-        os.kill(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the parenthesised command name
+
+
+def _ours(pid: int) -> bool:
+    """A snapshot counts for this process if its writer is this process or one of its descendants: the
+    directory is inherited by every deployment started below the one that created it (a test session that
+    starts servers, say), and each /metrics must report its own engine only. Without /proc: if alive."""
+    me = os.getpid()
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    while pid and pid > 1:
+        if pid == me:
+            return True
+        pid = _parent(pid)
+    return False
 
 
 def read_metrics(directory: str | Path | None = None) -> dict[str, Any]:
-    """Sum of the snapshots of live processes (one proposer per engine), as plain numbers."""
+    """Sum of the snapshots written by this process and its descendants (one proposer per engine)."""
     directory = Path(directory or os.environ.get(METRICS_DIR_ENV) or "")
     total: dict[str, Any] = {"rounds": 0, "drafted_at": [], "accepted_at": [], "length_hist": {},
                              "draft_seconds": 0.0, "steps": 0, "faults": 0, "skipped_no_context": 0,
@@ -87,7 +105,7 @@ def read_metrics(directory: str | Path | None = None) -> dict[str, Any]:
             snap = json.loads(file.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not _alive(int(snap.get("pid", -1))):
+        if not _ours(int(snap.get("pid", -1))):
             continue
         for key in ("rounds", "draft_seconds", "steps", "faults", "skipped_no_context", "active_requests"):
             total[key] += snap[key]
