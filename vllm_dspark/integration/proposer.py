@@ -51,6 +51,8 @@ class DSparkSettings:
     # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
     # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
     mode: str = "adaptive"
+    # Adaptive mode: steps to skip drafting after a plan found speculation not worth its cost.
+    probe_interval: int = 32
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
     record: bool = False
@@ -149,6 +151,10 @@ class DSparkProposer:
         if cal.exists():
             self.calibration = load_calibration(cal)[0]
         self._g = self.num_spec_tokens  # positions drafted this step (trimmed under load)
+        # Drafting itself costs time (on CPU the drafter's LM head is a large share of a step): when the
+        # best plan including it is slower than not speculating, stop drafting and probe again later.
+        self._draft_seconds_ema: float | None = None
+        self._idle_until_step = 0
         self._step_t0: float | None = None
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
 
@@ -269,6 +275,9 @@ class DSparkProposer:
         if self.store is None:
             return out
         t0 = time.perf_counter()
+        if self.adaptive and self.stats.steps < self._idle_until_step:
+            self.stats.steps += 1
+            return out
         k = max(0, min(self.num_spec_tokens, self._budget, self._g if self.adaptive else self.num_spec_tokens))
         rows, anchors, temps = [], [], []
         for i, sampled in enumerate(sampled_token_ids):
@@ -304,7 +313,8 @@ class DSparkProposer:
             tokens = block.tokens.tolist()
             conf = block.confidence.tolist() if block.confidence is not None else None
             if self.adaptive and block.confidence_logit is not None:
-                lengths = self._plan(block.confidence_logit, [int(num_tokens_no_spec[i]) for i in rows], k)
+                lengths = self._plan(block.confidence_logit, [int(num_tokens_no_spec[i]) for i in rows], k,
+                                     time.perf_counter() - t0)
                 tokens = [t[:n] for t, n in zip(tokens, lengths)]
         except Exception:  # noqa: BLE001 - a drafter fault must never take the engine down
             self._fault("drafting")
@@ -333,17 +343,26 @@ class DSparkProposer:
             logger.warning("vllm-dspark: the drafter failed during %s; this step runs without speculation "
                            "(output is unaffected). Later faults are only counted.", where, exc_info=True)
 
-    def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int) -> list[int]:
-        """Per-request draft lengths maximising expected tokens x steps/s (paper Alg. 1, early stop)."""
+    def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int, draft_seconds: float) -> list[int]:
+        """Per-request draft lengths maximising expected tokens x steps/s (paper Alg. 1, early stop), then
+        the whole plan against not speculating at all, the drafter's own time included."""
         z = confidence_logit.float().cpu().numpy()
         if self.calibration is not None:
             survival = apply_temperature(z, self.calibration[: z.shape[1]])
         else:
             survival = np.cumprod(1.0 / (1.0 + np.exp(-z)), axis=1)
         caps = [max(0, min(k, self.max_model_len - n)) for n in num_tokens]
-        lengths = plan_block_lengths(survival, self.cost, caps).lengths.tolist()
+        plan = plan_block_lengths(survival, self.cost, caps)
+        lengths = plan.lengths.tolist()
         # Draft no more positions next step than could be chosen now (+1 to grow back when load falls).
         self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 1))
+        ema = self._draft_seconds_ema
+        self._draft_seconds_ema = draft_seconds if ema is None else 0.8 * ema + 0.2 * draft_seconds
+        r = len(lengths)
+        with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + self._draft_seconds_ema)
+        if with_drafts <= r / self.cost.seconds(r):
+            self._idle_until_step = self.stats.steps + self.settings.probe_interval
+            return [0] * r
         return lengths
 
     def _dense_q(self, block, b: int) -> torch.Tensor:
