@@ -186,7 +186,7 @@ def test_default_multiprocess_engine(vllm_env, drafters):
     gc.collect()
     llm = LLM(str(target), enforce_eager=True, dtype="float32", max_model_len=256, seed=0, block_size=32,
               speculative_config=dict(SPEC, num_speculative_tokens=3),
-              additional_config={"dspark": {"drafter": str(drafter_dir)}}, disable_log_stats=False)
+              additional_config={"dspark": {"drafter": str(drafter_dir), "mode": "fixed"}}, disable_log_stats=False)
     got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert got == want
     assert _spec_counters(llm)["vllm:spec_decode_num_drafts"] > 0

@@ -199,7 +199,8 @@ def test_serve_with_drafter_streams_and_counts_drafts(tiny_llama_dir, tmp_path):
     log = tmp_path / "server.log"
     cli = shutil.which("vllm-dspark", path=str(Path(sys.executable).parent))
     cmd = [
-        cli, "serve", str(tiny_llama_dir), "--drafter", str(drafter), "-k", "3", "--host", "127.0.0.1",
+        cli, "serve", str(tiny_llama_dir), "--drafter", str(drafter), "-k", "3",
+        "--additional-config", '{"dspark": {"mode": "fixed"}}', "--host", "127.0.0.1",
         "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "256",
         "--served-model-name", "tiny",
     ]

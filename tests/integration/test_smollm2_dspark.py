@@ -35,7 +35,7 @@ def _run(target, drafter=None, **kw):
     if drafter is not None:
         args.update(speculative_config={"method": "custom_class", "model": "vllm_dspark.DSparkProposer",
                                         "num_speculative_tokens": 5},
-                    additional_config={"dspark": {"drafter": str(drafter)}})
+                    additional_config={"dspark": {"drafter": str(drafter), "mode": "fixed"}})
     llm = LLM(str(target), **args)
     messages = [[{"role": "user", "content": q.turns[0]}] for q in load_mtbench()[::5]]  # 16, all categories
     outs = llm.chat(messages, SamplingParams(max_tokens=64, temperature=0), use_tqdm=False)

@@ -511,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if distributed and torch.distributed.is_initialized():
+            # Leave together: a rank exiting while gloo's threads still talk to the other aborts with
+            # "terminate called without an active exception".
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     if rank == 0 and records and not args.quiet:
         last = records[-1]
