@@ -9,10 +9,13 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-DRAFTER = Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-dspark"
+DRAFTER = Path(os.environ.get("DRAFTER", Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-dspark"))
 
 
 def main() -> None:
+    if not (DRAFTER / "config.json").exists():
+        raise SystemExit(f"no drafter at {DRAFTER}: train one with scripts/train_smollm2_drafter.sh "
+                         "(or set DRAFTER=DIR; `vllm-dspark init` writes an untrained one)")
     from vllm import LLM, SamplingParams
 
     from vllm_dspark.assets import load_mtbench, smollm2_path

@@ -1,8 +1,8 @@
 """`make demo`: SmolLM2-135M-Instruct with and without DSpark on MT-Bench prompts, on this machine's CPU.
 
 Prints the acceptance length (tau), the per-position acceptance and decode tokens/s side by side. Uses the
-drafter shipped in drafters/smollm2-135m-dspark (trained with scripts/train_smollm2_drafter.sh); without it,
-an untrained drafter is written to ~/.cache/vllm-dspark (lossless, but it accepts almost nothing).
+drafter in drafters/smollm2-135m-dspark (written by scripts/train_smollm2_drafter.sh); without it, an
+untrained drafter is written to ~/.cache/vllm-dspark (lossless, but it accepts almost nothing).
 
     python examples/demo.py [--num-prompts 6] [--max-tokens 128] [--rounds 2] [--out runs/demo]
 """

@@ -1,12 +1,16 @@
-"""Offline generation with DSpark: SmolLM2-135M-Instruct + the shipped drafter (CPU, float32).
+"""Offline generation with DSpark: SmolLM2-135M-Instruct + drafters/smollm2-135m-dspark (CPU, float32).
 
     .venv/bin/python examples/offline_llm.py
 """
+import os
 from pathlib import Path
 
-DRAFTER = Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-dspark"
+DRAFTER = Path(os.environ.get("DRAFTER", Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-dspark"))
 
 if __name__ == "__main__":  # vLLM's engine uses spawn: keep the entry point guarded
+    if not (DRAFTER / "config.json").exists():
+        raise SystemExit(f"no drafter at {DRAFTER}: train one with scripts/train_smollm2_drafter.sh "
+                         "(or set DRAFTER=DIR; `vllm-dspark init` writes an untrained one)")
     from vllm import LLM, SamplingParams
 
     from vllm_dspark.assets import smollm2_path

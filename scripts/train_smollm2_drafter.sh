@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the shipped SmolLM2-135M-Instruct DSpark drafter (drafters/smollm2-135m-dspark) and its Markov-less
+# Trains the SmolLM2-135M-Instruct DSpark drafter (copied to drafters/smollm2-135m-dspark) and its Markov-less
 # ablation trained with the same budget. Every step is resumable: rerun the script to continue.
 # Data: the target's own greedy answers to ShareGPT prompts (gen-data; MT-Bench questions excluded) mixed with
 # ShareGPT's original answers (cheap extra contexts: the L1 term distils the target's distribution anyway).

@@ -17,7 +17,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "drafters" / "smollm2-135m-dspar
 
 @pytest.fixture(scope="module")
 def smollm2_drafter(smollm2_dir, tmp_path_factory) -> Path:
-    """The shipped trained drafter when present, else a fresh one (losslessness holds for any drafter)."""
+    """The trained drafter in drafters/ when present, else a fresh one (losslessness holds for any drafter)."""
     if (SHIPPED / "config.json").exists():
         return SHIPPED
     from vllm_dspark.checkpoint import init_drafter
