@@ -80,5 +80,17 @@ def vllm_env(request, monkeypatch) -> VllmTestEnv:
     gc.collect()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: a second OpenMP thread only adds spin-wait, badly so on a shared, loaded CPU (~100x).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "vllm_multiprocessing: vllm_env keeps vLLM's engine-core subprocess")

@@ -155,3 +155,27 @@ def own_answers(model, tokenizer, n: int, seed: int, new_tokens: int = 48, tempe
             for i, p in enumerate(prompts)]
 
 
+def train_in_memory(drafter, target, data, *, steps: int, lr: float = 3e-3, batch: int = 8):
+    """The trainer's own pieces (get_lr, batch_indices, train_step) in a loop, without files: for tests that
+    need a drafter that learned something. Returns the last step's stats."""
+    import torch
+
+    from vllm_dspark.train import trainer
+
+    args = trainer.build_parser().parse_args(["--target", "-", "--data", "-", "--out", "-",
+                                              "--anchors-per-seq", "16", "--batch-size", str(batch)])
+    module = trainer.LossModule(drafter, "dspark")
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    stats = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = trainer.get_lr(step, steps, lr, 0.04)
+        idx = trainer.batch_indices(step, batch, len(data), seed=0)
+        _, stats, _ = trainer.train_step(module, target, [data[i] for i in idx],
+                                         [step * batch + j for j in range(batch)], args=args, pad_id=0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+    return stats
+

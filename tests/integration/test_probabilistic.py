@@ -57,7 +57,7 @@ def sharp_target(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_drafter(sharp_target, tmp_path_factory) -> Path:
     """A 1-layer drafter distilled from the target's own T=1 answers (~20 s of one CPU thread)."""
-    from tiny_models import own_answers
+    from tiny_models import own_answers, train_in_memory
 
     from vllm_dspark.checkpoint import save_drafter
     from vllm_dspark.train import trainer
@@ -71,21 +71,7 @@ def trained_drafter(sharp_target, tmp_path_factory) -> Path:
         drafter = trainer.new_drafter(model, model.config.to_dict(), seed=0, num_layers=1, markov_rank=16,
                                       block_size=4, num_target_layer_ids=2)
         target = TargetFeatures(model, drafter.cfg.target_layer_ids)
-        steps, lr, batch = 200, 3e-3, 8
-        args = trainer.build_parser().parse_args(["--target", "-", "--data", "-", "--out", "-",
-                                                  "--anchors-per-seq", "16", "--batch-size", str(batch)])
-        module = trainer.LossModule(drafter, "dspark")
-        params = [p for p in drafter.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-        for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = trainer.get_lr(step, steps, lr, 0.04)
-            idx = trainer.batch_indices(step, batch, len(data), seed=0)
-            _, stats, _ = trainer.train_step(module, target, [data[i] for i in idx],
-                                             [step * batch + j for j in range(batch)], args=args, pad_id=0)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad()
+        stats = train_in_memory(drafter, target, data, steps=200)
     finally:
         torch.set_num_threads(threads)
     print(f"drafter trained: 1 - TV per position on the last batch {[round(a, 3) for a in stats.acceptance()]}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import shutil
 import signal
@@ -158,17 +159,14 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.mark.vllm
-def test_serve_answers_an_openai_completion(tiny_llama_dir, tmp_path):
-    import openai
-
+@contextlib.contextmanager
+def _server(args: list[str], tmp_path: Path):
+    """`vllm-dspark serve MODEL ... --port P` on 127.0.0.1 in its own process group; yields its URL once healthy."""
     port = _free_port()
     log = tmp_path / "server.log"
     cli = shutil.which("vllm-dspark", path=str(Path(sys.executable).parent))
-    cmd = [
-        cli, "serve", str(tiny_llama_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--served-model-name", "tiny",
-    ]
+    cmd = [cli, "serve", *args, "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
+           "--max-model-len", "256", "--served-model-name", "tiny"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     with log.open("w") as log_file:
         # Own process group: the server's children die with it.
@@ -176,14 +174,22 @@ def test_serve_answers_an_openai_completion(tiny_llama_dir, tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, log, timeout=240)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.vllm
+def test_serve_answers_an_openai_completion(tiny_llama_dir, tmp_path):
+    import openai
+
+    with _server([str(tiny_llama_dir)], tmp_path) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60)
         completion = client.completions.create(model="tiny", prompt="Hello world, the", max_tokens=8, temperature=0)
         choice = completion.choices[0]
         assert completion.usage.completion_tokens == 8 or choice.finish_reason == "stop"
         assert 1 <= completion.usage.completion_tokens <= 8
         assert isinstance(choice.text, str) and choice.text
-    finally:
-        _stop(proc)
 
 
 @pytest.mark.vllm
@@ -195,21 +201,9 @@ def test_serve_with_drafter_streams_and_counts_drafts(tiny_llama_dir, tmp_path):
 
     drafter = tmp_path / "drafter"
     init_drafter(tiny_llama_dir, drafter, num_layers=1, markov_rank=16, block_size=4, num_target_layer_ids=2)
-    port = _free_port()
-    log = tmp_path / "server.log"
-    cli = shutil.which("vllm-dspark", path=str(Path(sys.executable).parent))
-    cmd = [
-        cli, "serve", str(tiny_llama_dir), "--drafter", str(drafter), "-k", "3",
-        "--additional-config", '{"dspark": {"mode": "fixed"}}', "--host", "127.0.0.1",
-        "--port", str(port), "--enforce-eager", "--dtype", "float32", "--max-model-len", "256",
-        "--served-model-name", "tiny",
-    ]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    with log.open("w") as log_file:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, proc, log, timeout=240)
+    args = [str(tiny_llama_dir), "--drafter", str(drafter), "-k", "3",
+            "--additional-config", '{"dspark": {"mode": "fixed"}}']
+    with _server(args, tmp_path) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=120)
         messages = [{"role": "user", "content": "Tell me about the water and the people of the town."}]
         plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, temperature=0)
@@ -228,5 +222,3 @@ def test_serve_with_drafter_streams_and_counts_drafts(tiny_llama_dir, tmp_path):
         assert ours.get("vllm_dspark:draft_steps_total", 0) > 0, metrics[-3000:]
         assert ours.get('vllm_dspark:drafted_tokens_total{position="1"}', 0) > 0
         assert "vllm_dspark:block_length_total" in metrics and "vllm_dspark:active_requests" in metrics
-    finally:
-        _stop(proc)

@@ -22,13 +22,7 @@ from vllm_dspark.checkpoint import load_drafter, read_weights, save_drafter
 from vllm_dspark.config import DSparkConfig, DSparkConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-wait, badly so on a shared, loaded CPU (~100x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # A small Qwen3-shaped target and a drafter for it (drafter hidden = target hidden, as in DeepSpec).

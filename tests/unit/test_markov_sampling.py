@@ -18,13 +18,7 @@ from vllm_dspark.drafting import draft_block
 from vllm_dspark_kernels import counter_rng
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-wait, badly so on a shared, loaded CPU (~100x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 LENGTHS = [3, 11, 1, 6]  # context rows per request

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import own_answers
+from tiny_models import own_answers, train_in_memory
 
 from vllm_dspark.checkpoint import init_weights, load_drafter
 from vllm_dspark.config import DSparkConfig
@@ -27,12 +27,7 @@ from vllm_dspark.train.loss import dspark_loss, sample_anchors, supervision
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_drafter(seed=0, **kw) -> DSparkDrafter:
@@ -205,21 +200,7 @@ def test_training_raises_greedy_acceptance_on_held_out_prompts(smooth_target, ti
     target = TargetFeatures(smooth_target, drafter.cfg.target_layer_ids)
     before = trainer.greedy_acceptance(drafter, target, held_out, anchors_per_seq=16)
 
-    steps, lr = 300, 3e-3
-    args = trainer.build_parser().parse_args(["--target", "-", "--data", "-", "--out", "-",
-                                              "--anchors-per-seq", "16", "--batch-size", "8"])
-    module = trainer.LossModule(drafter, "dspark")
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = trainer.get_lr(step, steps, lr, 0.04)
-        idx = trainer.batch_indices(step, 8, len(train_set), seed=0)
-        trainer.train_step(module, target, [train_set[i] for i in idx], [step * 8 + j for j in range(8)],
-                           args=args, pad_id=0)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
+    train_in_memory(drafter, target, train_set, steps=300)
     after = trainer.greedy_acceptance(drafter, target, held_out, anchors_per_seq=16)
     assert before.rounds == after.rounds == 96
     assert before.survival[0] <= 0.02  # an untrained drafter guesses (almost) nothing
