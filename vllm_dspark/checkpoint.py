@@ -66,7 +66,8 @@ def validate_weights(cfg: DSparkConfig, weights: Mapping[str, torch.Tensor]) -> 
                    "(markov_head.* weights); markov_rank = 0 means no Markov head")
     cfg.check_markov_supported()
     want = expected_shapes(cfg)
-    extra = sorted(n for n in weights if n not in want and n != "d2t")
+    _check_d2t(cfg, weights)
+    extra = sorted(n for n in weights if n not in want)
     if extra:
         raise DSparkConfigError(f"weights: unexpected tensor(s) {extra[:5]} for this config "
                                 f"(num_hidden_layers={cfg.num_hidden_layers}, markov_rank={cfg.markov_rank}, "
@@ -79,17 +80,39 @@ def validate_weights(cfg: DSparkConfig, weights: Mapping[str, torch.Tensor]) -> 
         raise DSparkConfigError(f"weights: missing tensor(s) {missing[:5]}; expected every drafter weight "
                                 f"(only {list(FROZEN)} may be omitted)")
     for name, t in weights.items():
-        if name == "d2t":
-            continue
         if tuple(t.shape) != want[name]:
             raise DSparkConfigError(f"weights: {name} has shape {list(t.shape)}; expected {list(want[name])}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise DSparkConfigError(f"weights: {name} has {bad} non-finite value(s) (NaN/inf); expected finite")
-    if cfg.draft_vocab < cfg.vocab_size:
-        raise _bad("draft_vocab_size", cfg.draft_vocab_size,
-                   f"equal to vocab_size={cfg.vocab_size}: reduced draft vocabularies (d2t) are not supported "
-                   "by vllm-dspark's runtime yet")
+
+
+def _check_d2t(cfg: DSparkConfig, weights: dict[str, torch.Tensor]) -> None:
+    """A reduced draft vocabulary needs a d2t table mapping draft ids to distinct target ids; a full one may
+    carry an all-zero (identity) table, which is dropped."""
+    d2t = weights.get("d2t")
+    if cfg.draft_vocab == cfg.vocab_size:
+        if d2t is not None:
+            if d2t.is_floating_point() or d2t.ndim != 1 or d2t.numel() != cfg.vocab_size or bool(d2t.any()):
+                raise _bad("draft_vocab_size", cfg.draft_vocab_size,
+                           f"< vocab_size={cfg.vocab_size}: the checkpoint carries a non-identity d2t table "
+                           f"(shape {list(d2t.shape)}) but the config declares the full vocabulary")
+            del weights["d2t"]
+        return
+    if d2t is None:
+        raise DSparkConfigError(f"weights: d2t missing but draft_vocab_size={cfg.draft_vocab} < vocab_size="
+                                f"{cfg.vocab_size}; expected a [{cfg.draft_vocab}] integer d2t table "
+                                "(target id = draft id + d2t[draft id])")
+    if d2t.is_floating_point() or tuple(d2t.shape) != (cfg.draft_vocab,):
+        raise DSparkConfigError(f"weights: d2t has shape {list(d2t.shape)} and dtype {d2t.dtype}; expected a "
+                                f"[{cfg.draft_vocab}] integer table (draft_vocab_size)")
+    ids = torch.arange(cfg.draft_vocab) + d2t.long()
+    if bool((ids < 0).any() or (ids >= cfg.vocab_size).any()):
+        raise DSparkConfigError(f"weights: d2t maps draft ids to target ids in [{int(ids.min())}, {int(ids.max())}];"
+                                f" expected ids in [0, vocab_size={cfg.vocab_size})")
+    if ids.unique().numel() != ids.numel():
+        raise DSparkConfigError("weights: d2t maps two draft ids to the same target id; expected distinct ids")
+    weights["d2t"] = d2t.long()
 
 
 def target_embeddings(target: str | Path | torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,14 +167,17 @@ def load_drafter(directory: str | Path, target: str | Path | torch.nn.Module | N
                                     "checkpoint; expected a target to take them from")
         embed, head = target_embeddings(target)
         for name, t in (("embed_tokens.weight", embed), ("lm_head.weight", head)):
-            want = (cfg.vocab_size if name.startswith("embed") else cfg.draft_vocab, cfg.hidden_size)
+            want = (cfg.vocab_size, cfg.hidden_size)
             if name not in weights:
                 if tuple(t.shape[1:]) != want[1:] or t.shape[0] < want[0]:
                     raise DSparkConfigError(f"target {name} has shape {list(t.shape)}; expected {list(want)} "
                                             "(drafter hidden_size/vocab_size must match the target's)")
-                weights[name] = t[: want[0]]
+                t = t[: want[0]]
+                if name == "lm_head.weight" and "d2t" in weights:  # the target's rows of the draft vocabulary
+                    t = t[torch.arange(cfg.draft_vocab) + weights["d2t"]]
+                weights[name] = t
     model = DSparkDrafter(cfg)
-    model.load_state_dict({k: v for k, v in weights.items() if k != "d2t"}, strict=True)
+    model.load_state_dict(weights, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -184,7 +210,7 @@ def default_layer_ids(num_target_layers: int, count: int = 5) -> list[int]:
 
 def config_for_target(target_config: Mapping[str, Any], *, num_layers: int = 2, markov_rank: int = 256,
                       block_size: int = 7, num_target_layer_ids: int = 5, mask_token_id: int | None = None,
-                      intermediate_size: int | None = None) -> DSparkConfig:
+                      intermediate_size: int | None = None, draft_vocab_size: int | None = None) -> DSparkConfig:
     """A drafter config sized for a HF decoder target (hidden size and vocab follow the target)."""
     t = dict(target_config.get("text_config") or target_config)
     hidden, heads = t["hidden_size"], t["num_attention_heads"]
@@ -199,6 +225,7 @@ def config_for_target(target_config: Mapping[str, Any], *, num_layers: int = 2, 
         mask_token_id=mask_token_id if mask_token_id is not None else _pick_mask_token(t),
         target_layer_ids=default_layer_ids(t["num_hidden_layers"], num_target_layer_ids),
         num_target_layers=t["num_hidden_layers"], target_hidden_size=hidden, markov_rank=markov_rank,
+        draft_vocab_size=draft_vocab_size if draft_vocab_size and draft_vocab_size < t["vocab_size"] else None,
     )
     cfg.validate()
     return cfg
@@ -215,16 +242,58 @@ def _pick_mask_token(t: Mapping[str, Any]) -> int:
 
 
 def new_drafter(target: str | Path | torch.nn.Module, target_config: Mapping[str, Any], *, seed: int = 0,
-                **kwargs) -> DSparkDrafter:
-    """A fresh drafter sized for the target: initialised weights, the target's embeddings and LM head."""
-    cfg = config_for_target(target_config, **kwargs)
+                draft_token_ids: torch.Tensor | list[int] | None = None, **kwargs) -> DSparkDrafter:
+    """A fresh drafter sized for the target: initialised weights, the target's embeddings and LM head.
+
+    ``draft_token_ids``: the target ids the drafter may propose (a reduced draft vocabulary, see
+    :func:`select_draft_vocab`); None = the whole vocabulary.
+    """
+    ids = None
+    if draft_token_ids is not None:
+        ids = torch.as_tensor(draft_token_ids, dtype=torch.int64).unique()  # sorted, distinct
+        vocab = (target_config.get("text_config") or target_config)["vocab_size"]
+        if ids.numel() >= vocab:
+            ids = None
+        elif ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= vocab:
+            raise _bad("draft_token_ids", f"{ids.numel()} ids", f"1 to {vocab - 1} distinct ids in [0, {vocab})")
+    cfg = config_for_target(target_config, draft_vocab_size=None if ids is None else ids.numel(), **kwargs)
     torch.manual_seed(seed)
     model = DSparkDrafter(cfg)
     init_weights(model)
     embed, head = target_embeddings(target)
     model.embed_tokens.weight.data.copy_(embed[: cfg.vocab_size].float())
-    model.lm_head.weight.data.copy_(head[: cfg.draft_vocab].float())
+    if ids is not None:
+        model.d2t.copy_(ids - torch.arange(ids.numel()))
+    set_lm_head(model, head)
     return model
+
+
+def set_lm_head(model: DSparkDrafter, target_head: torch.Tensor) -> None:
+    """Copy the target's LM head rows (only the draft vocabulary's when it is reduced) into the drafter."""
+    ids = model.draft_token_ids
+    rows = target_head[: model.cfg.vocab_size] if ids is None else target_head[ids.to(target_head.device)]
+    model.lm_head.weight.data.copy_(rows.float())
+
+
+def select_draft_vocab(token_counts: Mapping[int, int] | torch.Tensor, size: int,
+                       always: set[int] | list[int] = ()) -> torch.Tensor:
+    """The ``size`` most frequent target ids (ties: lower id first) plus ``always`` (e.g. end-of-turn ids),
+    sorted: a reduced draft vocabulary (EAGLE-3 keeps the 32k most frequent of Llama-3's 128k)."""
+    if isinstance(token_counts, torch.Tensor):
+        counts = token_counts.double()
+    else:
+        top = max(token_counts, default=0) + 1
+        counts = torch.zeros(top, dtype=torch.float64)
+        for tid, n in token_counts.items():
+            counts[tid] = n
+    always = sorted(set(int(t) for t in always))
+    keep = set(always)
+    order = sorted(range(counts.numel()), key=lambda t: (-float(counts[t]), t))
+    for tid in order:
+        if len(keep) >= size:
+            break
+        keep.add(tid)
+    return torch.tensor(sorted(keep), dtype=torch.int64)
 
 
 def init_drafter(target_dir: str | Path, out_dir: str | Path, *, seed: int = 0, **kwargs) -> DSparkDrafter:

@@ -21,9 +21,9 @@ from .model.drafter import DSparkDrafter, block_attention_mask
 class DraftBlock:
     tokens: torch.Tensor  # [B, g] int64 (target vocab ids)
     confidence_logit: torch.Tensor | None  # [B, g] float32 pre-sigmoid; c_k = P(k accepted | k-1 accepted)
-    q: torch.Tensor | None = None  # [B, g, V] float32 (dense drafting with return_q)
+    q: torch.Tensor | None = None  # [B, g, V] float32 over the target vocab (dense drafting with return_q)
     q_probs: torch.Tensor | None = None  # [B, g, k] float32 (top-k drafting with return_q)
-    q_ids: torch.Tensor | None = None  # [B, g, k] int64
+    q_ids: torch.Tensor | None = None  # [B, g, k] int64 target ids
 
     @property
     def confidence(self) -> torch.Tensor | None:
@@ -68,11 +68,16 @@ def draft_block(
         w2 = base.new_zeros((cfg.draft_vocab, 1))
         conf_w_e = None
     out = markov_head(base, w1, w2, anchor, temperature.float(), seed, topk=topk,
-                      conf_w=None if conf_w_e is None else conf_w_e.float(), return_q=return_q)
+                      conf_w=None if conf_w_e is None else conf_w_e.float(), return_q=return_q, d2t=drafter.d2t)
+    tokens, q, q_ids = drafter.to_target_ids(out.tokens), out.q, out.q_ids
+    if drafter.d2t is not None:  # hand the target only target ids: q over the target vocabulary
+        q_ids = None if q_ids is None else drafter.to_target_ids(q_ids)
+        if q is not None:
+            q = q.new_zeros(*q.shape[:2], cfg.vocab_size).index_copy_(2, drafter.draft_token_ids, q)
 
     logit = None
     if conf_w_h is not None:
         logit = h.float() @ conf_w_h.float() + conf_b.float()  # [B, g]
         if out.conf_markov is not None:
             logit = logit + out.conf_markov
-    return DraftBlock(out.tokens, logit, out.q, out.q_probs, out.q_ids)
+    return DraftBlock(tokens, logit, q, out.q_probs, q_ids)

@@ -299,6 +299,16 @@ def _nan(name):
     return f
 
 
+VD = 40  # a reduced draft vocabulary: VD of the V target ids
+DRAFT_IDS = torch.arange(0, 2 * VD, 2) + 1  # odd ids 1..79: target id = draft id + d2t[draft id]
+
+
+def reduced(weights, d2t=DRAFT_IDS - torch.arange(VD)):
+    """A DeepSpec checkpoint with a reduced draft vocabulary: markov_w2 has VD rows, plus the d2t table."""
+    w = {**weights, "markov_head.markov_w2.weight": weights["markov_head.markov_w2.weight"][:VD]}
+    return {**w, "d2t": d2t} if d2t is not None else w
+
+
 ERROR_CASES = {
     "missing weight": (
         {}, _drop("layers.1.mlp.up_proj.weight"), {},
@@ -347,6 +357,22 @@ ERROR_CASES = {
         "architectures=['Qwen3DSparkModelV2']: expected one of ['Qwen3DSparkModel', 'Qwen3OmniDSparkModel']"),
     "mask token outside the vocabulary": (
         dict(mask_token_id=V), None, {}, f"mask_token_id={V}: expected a token id in [0, vocab_size={V})"),
+    "reduced vocabulary without d2t": (
+        dict(draft_vocab_size=VD), lambda w: reduced(w, d2t=None), {},
+        f"weights: d2t missing but draft_vocab_size={VD} < vocab_size={V}; expected a [{VD}] integer d2t table"),
+    "d2t mapping two draft ids to one target id": (
+        dict(draft_vocab_size=VD), lambda w: reduced(w, d2t=torch.zeros(VD, dtype=torch.int64).index_fill_(
+            0, torch.tensor([1]), -1)), {},
+        "weights: d2t maps two draft ids to the same target id; expected distinct ids"),
+    "d2t past the target vocabulary": (
+        dict(draft_vocab_size=VD), lambda w: reduced(w, d2t=torch.full((VD,), V - 5)), {},
+        f"weights: d2t maps draft ids to target ids in [{V - 5}, {V - 5 + VD - 1}]; expected ids in [0, vocab_size={V})"),
+    "mis-shaped d2t": (
+        dict(draft_vocab_size=VD), lambda w: reduced(w, d2t=torch.zeros(VD + 1, dtype=torch.int64)), {},
+        f"weights: d2t has shape [{VD + 1}] and dtype torch.int64; expected a [{VD}] integer table"),
+    "non-identity d2t with the full vocabulary": (
+        {}, _set("d2t", torch.ones(V, dtype=torch.int64)), {},
+        f"draft_vocab_size={V}: expected < vocab_size={V}: the checkpoint carries a non-identity d2t table"),
     "missing target_layer_ids": (
         dict(target_layer_ids=None), None, {}, "target_layer_ids=None: expected a non-empty list"),
 }
@@ -363,6 +389,57 @@ def test_each_defect_raises_a_named_error(tmp_path, case):
     target = write_target(tmp_path / "target", **target_over)
     with pytest.raises(DSparkConfigError, match=re.escape(message)):
         load_drafter(drafter, target=target)
+
+
+def test_reduced_draft_vocabulary_loads_drafts_target_ids_and_round_trips(tmp_path, target_dir):
+    from vllm_dspark.context import ContextStore
+    from vllm_dspark.drafting import draft_block
+
+    d = write_drafter(tmp_path / "reduced", deepspec_config(draft_vocab_size=VD), reduced(deepspec_weights()))
+    m = load_drafter(d, target_dir)
+    head = load_file(str(target_dir / "model.safetensors"))["lm_head.weight"]
+    assert torch.equal(m.draft_token_ids, DRAFT_IDS)
+    assert torch.equal(m.lm_head.weight, head[DRAFT_IDS])  # the target's rows of the draft vocabulary
+
+    store = ContextStore(m)
+    g = torch.Generator().manual_seed(3)
+    store.append([(r, 0, torch.randn(n, H * len(LAYER_IDS), generator=g)) for r, n in (("a", 5), ("b", 9))])
+    ctx, anchor = store.gather(["a", "b"]), torch.tensor([4, 17])
+    block = draft_block(m, ctx, anchor, BLOCK)
+    # By hand: the base logits over the VD draft rows, the Markov chain fed with target ids.
+    from vllm_dspark.model.drafter import block_attention_mask
+    qids = m.query_ids(anchor, BLOCK)
+    qpos = ctx.lengths[:, None] + torch.arange(qids.shape[1])[None]
+    with torch.no_grad():
+        base = m.base_logits(m.block_hidden(qids, qpos, ctx.k, ctx.v,
+                                            block_attention_mask(ctx.lengths, ctx.k.shape[1], qids.shape[1])))
+        prev, want = anchor, []
+        for k in range(BLOCK):
+            z = base[:, k] + m.markov_head.markov_w1.weight[prev] @ m.markov_head.markov_w2.weight.T
+            prev = DRAFT_IDS[z.argmax(-1)]
+            want.append(prev)
+    assert torch.equal(block.tokens, torch.stack(want, 1))
+
+    sampled = draft_block(m, ctx, anchor, BLOCK, temperature=torch.tensor([1.0, 0.7]), seed=torch.tensor([1, 2]),
+                          return_q=True)
+    assert sampled.q.shape == (2, BLOCK, V)  # q over the target vocabulary, zero outside the draft ids
+    assert float(sampled.q[:, :, [t for t in range(V) if t not in DRAFT_IDS.tolist()]].abs().sum()) == 0.0
+    torch.testing.assert_close(sampled.q.sum(-1), torch.ones(2, BLOCK))
+    assert all(t in DRAFT_IDS.tolist() for t in sampled.tokens.flatten().tolist())
+    top = draft_block(m, ctx, anchor, BLOCK, temperature=torch.tensor([1.0, 0.0]), seed=torch.tensor([1, 2]),
+                      topk=8, return_q=True)
+    assert set(top.q_ids.flatten().tolist()) <= set(DRAFT_IDS.tolist())
+
+    saved = save_drafter(m, tmp_path / "saved")  # d2t travels with the checkpoint; frozen rows do not
+    assert torch.equal(load_file(str(saved / "model.safetensors"))["d2t"], DRAFT_IDS - torch.arange(VD))
+    again = load_drafter(saved, target_dir)
+    assert torch.equal(draft_block(again, ctx, anchor, BLOCK).tokens, block.tokens)
+
+
+def test_identity_d2t_with_the_full_vocabulary_is_accepted(tmp_path, target_dir):
+    w = {**deepspec_weights(), "d2t": torch.zeros(V, dtype=torch.int64)}  # EAGLE-3 style files may carry one
+    m = load_drafter(write_drafter(tmp_path / "d", deepspec_config(), w), target_dir)
+    assert m.d2t is None
 
 
 @pytest.mark.parametrize("k, ok", [(1, True), (BLOCK, True), (BLOCK + 1, False), (0, False)])

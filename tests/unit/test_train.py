@@ -40,6 +40,9 @@ def tiny_drafter(seed=0, **kw) -> DSparkDrafter:
     init_weights(m, std=0.2)
     for p in m.parameters():  # every weight non-trivial, the zero-initialised Markov output included
         p.data.add_(0.1 * torch.randn_like(p))
+    if m.d2t is not None:  # a reduced draft vocabulary: a sorted random subset of the target's ids
+        ids = torch.randperm(cfg["vocab_size"])[: m.cfg.draft_vocab].sort().values
+        m.d2t.copy_(ids - torch.arange(ids.numel()))
     return m.double()
 
 
@@ -48,6 +51,7 @@ def tiny_drafter(seed=0, **kw) -> DSparkDrafter:
 def hand_loss(m: DSparkDrafter, feats, logits, ids, mask, anchors, loss_type="dspark"):
     """One block at a time through the drafter's inference path; loss terms with explicit loops."""
     cfg, g = m.cfg, m.cfg.block_size
+    draft_ids = list(range(cfg.vocab_size)) if m.d2t is None else m.draft_token_ids.tolist()
     total = weights = 0.0
     acc = [[] for _ in range(g)]
     for b in range(ids.shape[0]):
@@ -67,15 +71,17 @@ def hand_loss(m: DSparkDrafter, feats, logits, ids, mask, anchors, loss_type="ds
                 e = m.markov_head.markov_w1.weight[prev].double() if markov else torch.zeros(0, dtype=torch.float64)
                 z = [float(m.lm_head.weight[v].double() @ h[k]
                            + (m.markov_head.markov_w2.weight[v].double() @ e if markov else 0.0))
-                     for v in range(cfg.vocab_size)]
+                     for v in range(cfg.draft_vocab)]
                 zmax = max(z)
                 s = sum(math.exp(x - zmax) for x in z)
-                q = [math.exp(x - zmax) / s for x in z]
+                q = [0.0] * cfg.vocab_size  # over the target vocabulary: zero outside the draft vocabulary
+                for v, x in enumerate(z):
+                    q[draft_ids[v]] = math.exp(x - zmax) / s
                 t = [float(x) for x in logits[b, a + k]]
                 tmax = max(t)
                 st = sum(math.exp(x - tmax) for x in t)
                 p = [math.exp(x - tmax) / st for x in t]
-                ce = -math.log(q[label])
+                ce = -math.log(q[label]) if label in draft_ids else 0.0  # undraftable labels carry no CE
                 l1 = sum(abs(qi - pi) for qi, pi in zip(q, p))
                 c = min(1.0, max(0.0, 1 - l1 / 2))
                 w_conf = m.confidence_head.proj.weight[0].double()
@@ -104,9 +110,11 @@ def toy_batch(seed=0, vocab=101, width=96):
     return feats, logits, ids, mask, anchors
 
 
-@pytest.mark.parametrize("loss_type,markov_rank", [("dspark", 8), ("ce", 8), ("ce", 0)])
-def test_loss_matches_hand_computation(loss_type, markov_rank):
-    m = tiny_drafter(markov_rank=markov_rank)  # ("ce", 0) = the DFlash baseline
+@pytest.mark.parametrize("loss_type,markov_rank,draft_vocab",
+                         [("dspark", 8, None), ("ce", 8, None), ("ce", 0, None), ("dspark", 8, 40), ("ce", 0, 40)])
+def test_loss_matches_hand_computation(loss_type, markov_rank, draft_vocab):
+    # ("ce", 0) = the DFlash baseline; draft_vocab 40 = a reduced draft vocabulary (d2t) of the 101 target ids
+    m = tiny_drafter(markov_rank=markov_rank, draft_vocab_size=draft_vocab)
     feats, logits, ids, mask, anchors = toy_batch()
     out = dspark_loss(m, feats, logits, ids, mask, anchors, loss_type=loss_type)
     want, weight, acc = hand_loss(m, feats, logits, ids, mask, anchors, loss_type)
@@ -235,15 +243,32 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_resume_continues_exactly(tiny_llama_dir, chat_file, tmp_path):
+@pytest.mark.parametrize("draft_vocab", [0, 40])
+def test_resume_continues_exactly(tiny_llama_dir, chat_file, tmp_path, draft_vocab):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert trainer.main(cli_args(tiny_llama_dir, chat_file, straight, "--steps", "6", "--save-every", "3")) == 0
+    vocab = ("--draft-vocab", str(draft_vocab))  # 40 = a reduced draft vocabulary picked from the data
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, straight, "--steps", "6", "--save-every", "3",
+                                 *vocab)) == 0
     ckpt = straight / "checkpoints" / "step_000003"
     assert (ckpt / "trainer_state.pt").is_file() and (ckpt / "config.json").is_file()
     assert trainer.main(cli_args(tiny_llama_dir, chat_file, resumed, "--steps", "6", "--resume", str(ckpt))) == 0
     assert len(losses(straight)) == 6 and losses(resumed) == losses(straight)[3:]  # bit-identical
     a, b = (load_drafter(d, tiny_llama_dir).state_dict() for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    final = load_drafter(straight, tiny_llama_dir)
+    if draft_vocab:  # the most frequent assistant tokens, the end-of-turn token always among them
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+        examples, _ = trainer.load_examples(chat_file, tok, 512)
+        counts = trainer.token_counts(examples, json.loads((tiny_llama_dir / "config.json").read_text()))
+        ids = final.draft_token_ids
+        assert final.cfg.draft_vocab == ids.numel() == draft_vocab
+        assert set(trainer.end_token_ids(tok)) <= set(ids.tolist())
+        assert counts[ids].min() >= counts.sort(descending=True).values[draft_vocab - 1]
+        assert torch.equal(final.lm_head.weight, load_target(tiny_llama_dir).lm_head.weight[ids])
+    else:
+        assert final.d2t is None
     # The final drafter omits the frozen target copies and loads against the target.
     from safetensors import safe_open
 

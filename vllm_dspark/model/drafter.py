@@ -46,6 +46,21 @@ class DSparkDrafter(nn.Module):
         # Frozen copies of the target's: never trained, may be omitted from checkpoints.
         self.embed_tokens.weight.requires_grad_(False)
         self.lm_head.weight.requires_grad_(False)
+        # Reduced draft vocabulary (EAGLE-3/vLLM convention): target id = draft id + d2t[draft id]. lm_head
+        # rows are then the target's rows at those ids; markov_w1 stays indexed by target ids.
+        reduced = cfg.draft_vocab < cfg.vocab_size
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab, dtype=torch.int64) if reduced else None)
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary ids (any shape) -> target ids (the identity without a reduced vocabulary)."""
+        return draft_ids if self.d2t is None else draft_ids + self.d2t[draft_ids]
+
+    @property
+    def draft_token_ids(self) -> torch.Tensor | None:
+        """[Vd] int64 target id of each draft-vocabulary entry; None without a reduced vocabulary."""
+        if self.d2t is None:
+            return None
+        return torch.arange(self.cfg.draft_vocab, device=self.d2t.device) + self.d2t
 
     # ------------------------------------------------------------------ context
     def project_context(self, features: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,29 @@ from pathlib import Path
 import torch
 
 
+class RowLogits:
+    """The target's logits, computed only for the rows a loss indexes: ``rows[b_idx, pos]`` -> [N, V] float32.
+
+    The loss needs the target's distribution at the supervised positions only (anchors x block rows), far fewer
+    than B x T; the [B, T, V] tensor would cost a full LM head pass and ~0.2 GB per sequence at a 49k vocab.
+    """
+
+    def __init__(self, final: torch.Tensor, head):
+        self.final, self._head = final, head  # final [B, T, Ht] normed hidden state
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._head(self.final[index])
+
+
 @dataclass
 class TargetOutput:
     features: torch.Tensor  # [B, T, L*Ht] float32, target layers concatenated in target_layer_ids order
-    logits: torch.Tensor  # [B, T, V] float32, logits[b, t] = the target's prediction for token t+1
+    rows: RowLogits  # rows[b, t] = the target's logits predicting token t+1 (computed on demand)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[B, T, V] float32 all logits at once (tests and small inputs; the trainer indexes ``rows``)."""
+        return self.rows[:, :]
 
 
 def load_target(target_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -83,7 +102,7 @@ class TargetFeatures:
             attention_mask = torch.ones_like(input_ids)
         if self.cache_dir is None:
             feats, final = self._forward(input_ids, attention_mask)
-            return TargetOutput(feats, self._logits(final))
+            return TargetOutput(feats, RowLogits(final, self._logits))
         return self._cached(input_ids, attention_mask)
 
     # ------------------------------------------------------------------ cache
@@ -126,4 +145,4 @@ class TargetFeatures:
         for b, (f, h) in enumerate(rows):
             feats[b, : f.shape[0]] = f.to(dev).float()
             final[b, : h.shape[0]] = h.to(dev).float()
-        return TargetOutput(feats, self._logits(final))
+        return TargetOutput(feats, RowLogits(final, self._logits))

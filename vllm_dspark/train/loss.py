@@ -164,9 +164,6 @@ def dspark_loss(
         raise ValueError(f"loss_type={loss_type!r}: expected one of {list(LOSS_TYPES)}")
     if not cfg.sample_from_anchor:
         raise ValueError("sample_from_anchor=False: the trainer implements DeepSpec's anchor-predicts layout only")
-    if cfg.draft_vocab != cfg.vocab_size:
-        raise ValueError(f"draft_vocab_size={cfg.draft_vocab_size}: training a reduced draft vocabulary is not "
-                         "supported; expected the target's vocab_size")
     B, m, g = anchors.shape[0], anchors.shape[1], cfg.block_size
     dev = input_ids.device
     h, query_pos = packed_block_hidden(drafter, features, input_ids, anchors)  # [B, m*g, H], [B, m*g]
@@ -180,15 +177,24 @@ def dspark_loss(
     labels = input_ids[b_idx, pos + 1]  # [N] x_{a+1+k}
     prev = input_ids[b_idx, pos]  # [N] x_{a+k}: teacher-forced previous token (anchor at k=0)
 
-    logits = drafter.base_logits(h_sup)  # [N, V] float32
+    logits = drafter.base_logits(h_sup)  # [N, Vd] float32
     e = None
     if drafter.markov_head is not None:
         e = drafter.markov_head.embed(prev)  # [N, r]
         logits = logits + drafter.markov_head.bias(e).float()
     logq = F.log_softmax(logits, dim=-1)
     p = F.softmax(target_logits[b_idx, pos].float(), dim=-1)  # [N, V]
-    ce = F.nll_loss(logq, labels, reduction="none")
-    l1 = (logq.exp() - p).abs().sum(-1)
+    draft_ids = drafter.draft_token_ids  # [Vd] target ids, None = the whole vocabulary
+    if draft_ids is None:
+        ce = F.nll_loss(logq, labels, reduction="none")
+        l1 = (logq.exp() - p).abs().sum(-1)
+    else:  # q is zero outside the draft vocabulary: that part of the L1 is the target's mass there
+        p_d = p[:, draft_ids]  # [N, Vd]
+        l1 = (logq.exp() - p_d).abs().sum(-1) + (1 - p_d.sum(-1)).clamp(min=0)
+        t2d = torch.full((cfg.vocab_size,), -1, dtype=torch.int64, device=dev)
+        t2d[draft_ids] = torch.arange(draft_ids.numel(), device=dev)
+        labels_d = t2d[labels]  # labels outside the draft vocabulary carry no CE (they cannot be drafted)
+        ce = F.nll_loss(logq, labels_d.clamp(min=0), reduction="none") * (labels_d >= 0)
     accept = (1 - l1.detach() / 2).clamp(0, 1)  # c* = 1 - TV
     per = CE_WEIGHT * ce + L1_WEIGHT * l1 if loss_type == "dspark" else ce
     if drafter.confidence_head is not None:
@@ -202,7 +208,7 @@ def dspark_loss(
     loss = weighted_sum / norm.clamp(min=1e-12)
 
     with torch.no_grad():
-        greedy = (logq.argmax(-1) == p.argmax(-1)).double()
+        greedy = (drafter.to_target_ids(logq.argmax(-1)) == p.argmax(-1)).double()
         stats = LossStats(
             accept_sum=torch.zeros(g, dtype=torch.float64).index_add_(0, k_idx.cpu(), accept.double().cpu()),
             greedy_sum=torch.zeros(g, dtype=torch.float64).index_add_(0, k_idx.cpu(), greedy.cpu()),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import load_drafter, new_drafter, save_drafter, target_embeddings
+from ..checkpoint import load_drafter, new_drafter, save_drafter, select_draft_vocab, set_lm_head, target_embeddings
 from ..config import DSparkConfig
 from ..model.drafter import DSparkDrafter
 from .features import TargetFeatures, load_target
@@ -126,6 +126,13 @@ def load_examples(path: str | Path, tokenizer, max_len: int) -> tuple[list[Examp
     return out, dropped
 
 
+def token_counts(examples: list[Example], target_config: Mapping[str, Any]) -> torch.Tensor:
+    """[V] float64 how often each target id is a supervised (assistant) token: picks the draft vocabulary."""
+    vocab = (target_config.get("text_config") or target_config)["vocab_size"]
+    ids = torch.tensor([t for e in examples for t, m in zip(e.ids, e.mask) if m], dtype=torch.int64)
+    return torch.bincount(ids, minlength=vocab).double()
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
@@ -218,7 +225,7 @@ def train_step(module: nn.Module, target: TargetFeatures, examples: list[Example
         tgt = target(ids, attn)
         sync = j == len(batches) - 1 or not hasattr(module, "no_sync")
         with nullcontext() if sync else module.no_sync():
-            wsum, _, st = module(tgt.features, tgt.logits, ids, mask, anchors)
+            wsum, _, st = module(tgt.features, tgt.rows, ids, mask, anchors)
             (wsum * world / weight).backward()  # DDP averages over ranks; undo it so the sum is global
         weighted += wsum.detach().double()
         stats += st.to(device)
@@ -296,19 +303,23 @@ def train(args: argparse.Namespace) -> list[dict]:
                                  f"{resume_state['args'].get(key)!r} as in the run being resumed ({ckpt})")
         cfg = DSparkConfig.load(ckpt)
         drafter = DSparkDrafter(cfg)
-        embed, head = target_embeddings(target_model)
-        drafter.embed_tokens.weight.data.copy_(embed[: cfg.vocab_size].float())
-        drafter.lm_head.weight.data.copy_(head[: cfg.draft_vocab].float())
         missing, unexpected = drafter.load_state_dict(resume_state["model"], strict=False)
         if unexpected or set(missing) - {"embed_tokens.weight", "lm_head.weight"}:
             raise ValueError(f"--resume {ckpt}: trainer state does not fit its config.json "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        embed, head = target_embeddings(target_model)
+        drafter.embed_tokens.weight.data.copy_(embed[: cfg.vocab_size].float())
+        set_lm_head(drafter, head)
     elif args.init:
         drafter = load_drafter(args.init, target_model, target_config=target_config)
     else:
+        draft_ids = None
+        if args.draft_vocab:
+            draft_ids = select_draft_vocab(token_counts(examples, target_config), args.draft_vocab,
+                                           always=end_token_ids(tokenizer))
         drafter = new_drafter(target_model, target_config, seed=args.seed, num_layers=args.layers,
                               markov_rank=args.markov_rank, block_size=args.block_size,
-                              num_target_layer_ids=args.num_target_layers)
+                              num_target_layer_ids=args.num_target_layers, draft_token_ids=draft_ids)
     drafter.cfg.check_target(target_config)
     drafter.float().to(args.device).train()
     target = TargetFeatures(target_model, drafter.cfg.target_layer_ids, cache_dir=args.feature_cache)
@@ -428,7 +439,7 @@ def greedy_acceptance(drafter: DSparkDrafter, target: TargetFeatures, sequences:
             logits = base[:, k]
             if drafter.markov_head is not None:
                 logits = logits + drafter.markov_head.bias(drafter.markov_head.embed(prev)).float()
-            prev = logits.argmax(-1)
+            prev = drafter.to_target_ids(logits.argmax(-1))
             drafts.append(prev)
         drafts = torch.stack(drafts, 1)  # [m, g]
         # Verification rows [x_0..x_a, d_1..d_g], right-padded.
@@ -465,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=d["block_size"], help="draft tokens per block")
     ap.add_argument("--num-target-layers", type=int, default=d["num_target_layers"],
                     help="target layers feeding the drafter")
+    ap.add_argument("--draft-vocab", type=int, default=0,
+                    help="draft over the N most frequent assistant tokens of --data (d2t table; cuts the LM head "
+                         "cost of training and drafting); 0 = the target's whole vocabulary")
     ap.add_argument("--init", help="start from this drafter folder (its config decides the architecture)")
     ap.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per global batch")
