@@ -302,3 +302,19 @@ def test_ddp_two_gloo_ranks_match_one_process(tiny_llama_dir, chat_file, tmp_pat
     a, b = (load_drafter(d, tiny_llama_dir).state_dict() for d in (single, ddp))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+
+
+def test_cache_only_shards_fill_the_cache_that_training_then_reads(tiny_llama_dir, chat_file, tmp_path):
+    cache = tmp_path / "cache"
+    for shard in ("0/2", "1/2"):
+        assert trainer.main(cli_args(tiny_llama_dir, chat_file, tmp_path / "c", "--feature-cache", str(cache),
+                                     "--cache-only", "--cache-shard", shard)) == 0
+    files = sorted(cache.rglob("*.safetensors"))
+    assert len(files) == 24 and not (tmp_path / "c" / "train_log.jsonl").exists()  # one per conversation
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, tmp_path / "t", "--feature-cache", str(cache),
+                                 "--steps", "2", "--save-every", "0")) == 0
+    assert [f.stat().st_mtime_ns for f in sorted(cache.rglob("*.safetensors"))] == stamps  # read, not rewritten
+    assert len(losses(tmp_path / "t")) == 2
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, tmp_path / "c", "--feature-cache", str(cache),
+                                 "--cache-only", "--cache-shard", "2/2")) == 2

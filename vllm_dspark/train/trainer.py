@@ -323,6 +323,8 @@ def train(args: argparse.Namespace) -> list[dict]:
     drafter.cfg.check_target(target_config)
     drafter.float().to(args.device).train()
     target = TargetFeatures(target_model, drafter.cfg.target_layer_ids, cache_dir=args.feature_cache)
+    if args.cache_only:
+        return fill_feature_cache(target, examples, args, pad_id)
 
     module: nn.Module = LossModule(drafter, args.loss)
     if world > 1:
@@ -377,6 +379,31 @@ def train(args: argparse.Namespace) -> list[dict]:
     if rank == 0:
         save_drafter(drafter, out, dtype=getattr(torch, args.save_dtype))
     return records
+
+
+def fill_feature_cache(target: TargetFeatures, examples: list[Example], args, pad_id: int) -> list[dict]:
+    """--cache-only: run the target once over shard I of N of the data (several processes fill one cache in
+    parallel before training runs share it). Sequences sorted by length, so little padding is computed."""
+    if target.cache_dir is None:
+        raise ValueError("--cache-only: expected --feature-cache DIR to fill")
+    try:
+        shard, shards = (int(x) for x in args.cache_shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--cache-shard={args.cache_shard!r}: expected I/N with 0 <= I < N, e.g. 0/2") from None
+    unique = {tuple(e.ids): e for e in examples}  # repeated conversations share one cache entry
+    mine = sorted(unique.values(), key=lambda e: len(e.ids))[shard::shards]
+    micro = max(1, args.micro_batch_size or 4)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(mine), desc=f"feature cache {shard}/{shards}", unit="seq", disable=args.quiet)
+    for i in range(0, len(mine), micro):
+        ids, attn, _ = collate(mine[i:i + micro], pad_id)
+        target(ids, attn)
+        bar.update(len(mine[i:i + micro]))
+    bar.close()
+    return []
 
 
 def _compact(values: list[float]) -> str:
@@ -500,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--loss", choices=LOSS_TYPES, default=d["loss"],
                     help="dspark = 0.1 CE + 0.9 L1 + BCE; ce = the DFlash baseline (CE + BCE)")
     ap.add_argument("--feature-cache", help="cache target features here (fp16; worth it for small targets)")
+    ap.add_argument("--cache-only", action="store_true",
+                    help="fill --feature-cache for shard --cache-shard of the data, then exit (no training)")
+    ap.add_argument("--cache-shard", default="0/1", help="I/N: the share of the data --cache-only computes")
     ap.add_argument("--save-dtype", choices=("float32", "bfloat16"), default=d["save_dtype"],
                     help="dtype of the saved drafter weights (resume state stays float32)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (DDP then uses nccl, one GPU per rank)")
