@@ -15,6 +15,7 @@ Markov-less drafter. Target: <= 5% of drafter time (the paper measures 0.2-1.3% 
 
     .venv/bin/python benchmarks/bench_drafter.py                  # B 16 and 1, 1 and 2 threads, dense/top-32/top-64
     .venv/bin/python benchmarks/bench_drafter.py --iters 5 --warmup 1   # quick look
+    .venv/bin/python benchmarks/bench_drafter.py --markov-rank 128 --draft-vocab 8192   # the shipped drafter's shape
 """
 from __future__ import annotations
 
@@ -36,20 +37,23 @@ from vllm_dspark_kernels import MarkovHeadOutput, markov_head
 GAMMA = 7
 
 
-def smollm2_sized_config(markov_rank: int = 256) -> DSparkConfig:
+def smollm2_sized_config(markov_rank: int = 256, draft_vocab: int = 0) -> DSparkConfig:
     """SmolLM2-135M shapes (30 target layers, hidden 576); 5 target layers spread like DeepSpec's."""
     return DSparkConfig(
         hidden_size=576, num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
         intermediate_size=1536, vocab_size=49152, rms_norm_eps=1e-5, rope_theta=100000.0, block_size=GAMMA,
         mask_token_id=49151, target_layer_ids=[1, 8, 14, 21, 28], num_target_layers=30, target_hidden_size=576,
-        markov_rank=markov_rank,
+        markov_rank=markov_rank, draft_vocab_size=draft_vocab or None,
     )
 
 
-def build(batch: int, context: int, seed: int = 0):
+def build(batch: int, context: int, seed: int = 0, markov_rank: int = 256, draft_vocab: int = 0):
     """(drafter, filled ContextStore, request ids, anchors [B]); context lengths vary around ``context``."""
     torch.manual_seed(seed)
-    drafter = DSparkDrafter(smollm2_sized_config())
+    drafter = DSparkDrafter(smollm2_sized_config(markov_rank, draft_vocab))
+    if drafter.d2t is not None:  # a reduced draft vocabulary: a sorted random subset of the target ids
+        ids = torch.randperm(drafter.cfg.vocab_size)[:draft_vocab].sort().values
+        drafter.d2t.copy_(ids - torch.arange(draft_vocab))
     init_weights(drafter)
     with torch.no_grad():
         for p in (drafter.embed_tokens.weight, drafter.lm_head.weight, drafter.markov_head.markov_w2.weight):
@@ -64,7 +68,8 @@ def build(batch: int, context: int, seed: int = 0):
     return drafter, store, ids, anchors
 
 
-def plain_argmax_head(base_logits, w1, w2, anchor, temperature, seed, *, topk=0, conf_w=None, return_q=True):
+def plain_argmax_head(base_logits, w1, w2, anchor, temperature, seed, *, topk=0, conf_w=None, return_q=True,
+                      d2t=None):
     """Stand-in for markov_head without the Markov step: tokens = argmax of the base logits (no q)."""
     conf = base_logits.new_zeros(base_logits.shape[:2]) if conf_w is not None else None
     return MarkovHeadOutput(tokens=base_logits.argmax(-1), conf_markov=conf)
@@ -126,7 +131,8 @@ def measure(drafter, store, ids, anchors, *, topk: int, sampled: bool, warmup: i
     conf_w = drafter.confidence_head.split_weights(cfg.hidden_size)[1].detach().float()
 
     def head():
-        return markov_head(base, w1, w2, anchors, temperature, seed, topk=topk, conf_w=conf_w, return_q=sampled)
+        return markov_head(base, w1, w2, anchors, temperature, seed, topk=topk, conf_w=conf_w, return_q=sampled,
+                           d2t=drafter.d2t)
 
     def argmax():
         return base.argmax(-1)
@@ -143,10 +149,11 @@ def measure(drafter, store, ids, anchors, *, topk: int, sampled: bool, warmup: i
     return times
 
 
-def run(batches, threads_list, topks, *, context: int, sampled: bool, warmup: int, iters: int) -> list[Row]:
+def run(batches, threads_list, topks, *, context: int, sampled: bool, warmup: int, iters: int,
+        markov_rank: int = 256, draft_vocab: int = 0) -> list[Row]:
     rows = []
     for batch in batches:
-        drafter, store, ids, anchors = build(batch, context)
+        drafter, store, ids, anchors = build(batch, context, markov_rank=markov_rank, draft_vocab=draft_vocab)
         for threads in threads_list:
             torch.set_num_threads(threads)
             for topk in topks:
@@ -175,17 +182,19 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, nargs="+", default=[0, 32, 64], help="0 = dense Markov head")
     p.add_argument("--context", type=int, default=300, help="context rows per request (+-20)")
     p.add_argument("--sampled", action="store_true", help="draft at T=1 and return q (default: greedy)")
+    p.add_argument("--markov-rank", type=int, default=256, help="Markov head rank (DeepSpec: 256)")
+    p.add_argument("--draft-vocab", type=int, default=0, help="reduced draft vocabulary size (d2t); 0 = all 49152")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20, help="timed rounds per case (median reported)")
     args = p.parse_args(argv)
 
-    cfg = smollm2_sized_config()
+    cfg = smollm2_sized_config(args.markov_rank, args.draft_vocab)
     print(f"draft block of {GAMMA}, SmolLM2-sized drafter ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"r={cfg.markov_rank}, V={cfg.vocab_size}), ~{args.context} context rows, float32, "
+          f"r={cfg.markov_rank}, V={cfg.vocab_size}, draft V={cfg.draft_vocab}), ~{args.context} context rows, float32, "
           f"{'T=1 with q' if args.sampled else 'greedy'}; median of {args.iters} after {args.warmup} warmup")
     print(HEADER)
     rows = run(args.batch, args.threads, args.topk, context=args.context, sampled=args.sampled,
-               warmup=args.warmup, iters=args.iters)
+               warmup=args.warmup, iters=args.iters, markov_rank=args.markov_rank, draft_vocab=args.draft_vocab)
     worst = max(rows, key=lambda r: r.share)
     over = [r for r in rows if r.share > 0.05]
     print(f"Markov head share of drafter time: {min(r.share for r in rows):.1%} .. {worst.share:.1%} "

@@ -9,7 +9,7 @@ PY=.venv/bin
 TARGET=$($PY/python -c "from vllm_dspark.assets import smollm2_path; print(smollm2_path())")
 RUNS=${RUNS:-runs}
 N_GEN=${N_GEN:-256}           # regenerated answers to aim for (gen-data resumes where it stopped)
-STEPS=${STEPS:-1600}
+STEPS=${STEPS:-3000}
 mkdir -p "$RUNS/data"
 
 VLLM_CPU_KVCACHE_SPACE=4 VLLM_ENABLE_V1_MULTIPROCESSING=0 $PY/vllm-dspark gen-data --target "$TARGET" \
@@ -35,11 +35,14 @@ CACHE="$RUNS/feature-cache"
 COMMON=(--target "$TARGET" --data "$RUNS/data/train_mix.jsonl" --layers 2 --block-size 7 --num-target-layers 5
         --draft-vocab 8192 --steps "$STEPS" --batch-size 4 --micro-batch-size 4 --anchors-per-seq 32 --max-len 320
         --lr 1e-3 --seed 0 --save-every 100 --threads 1 --save-dtype bfloat16 --feature-cache "$CACHE")
-for shard in 0/2 1/2; do
-  $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 128 --out "$RUNS/cache-fill" --cache-only \
-    --cache-shard $shard > "$RUNS/cache-fill-${shard%/*}.log" 2>&1 &
-done
-wait
+if [ ! -f "$CACHE/.complete" ]; then
+  for shard in 0/2 1/2; do
+    $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 128 --out "$RUNS/cache-fill" --cache-only \
+      --cache-shard $shard > "$RUNS/cache-fill-${shard%/*}.log" 2>&1 &
+  done
+  wait
+  touch "$CACHE/.complete"
+fi
 resume() { [ -d "$1/checkpoints" ] && echo --resume "$1" || true; }
 $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 128 --loss dspark --out "$RUNS/smollm2-dspark" \
   $(resume "$RUNS/smollm2-dspark") > "$RUNS/train-dspark.log" 2>&1 &
