@@ -107,7 +107,7 @@ def test_bench_cells_ratios_and_lossless(vllm_env, setup, tmp_path):
     from vllm_dspark.eval.bench import main
 
     out = tmp_path / "bench"
-    methods = ("none", "ngram", "dspark", "dspark-fixed-k2")
+    methods = ("none", "ngram", "dspark", "dspark-k2")
     rc = main(["--target", setup["target"], "--drafter", str(setup["dspark"]), "--methods", ",".join(methods),
                "--concurrency", "1,2", "--rounds", "1", "--num-prompts", "4", "--max-tokens", "16", "-k", str(K),
                "--prompts", setup["prompts"], "--max-model-len", "256", "--out", str(out)])
@@ -122,12 +122,12 @@ def test_bench_cells_ratios_and_lossless(vllm_env, setup, tmp_path):
         assert sum(r["generated_tokens"]) > 0
     # Fixed K=2: every step of every request drafts (the adaptive default may draft nothing for an untrained
     # drafter whose confidence head promises little).
-    assert cells[("dspark-fixed-k2", 1)]["spec_rounds"] >= 4 * 8 and cells[("dspark-fixed-k2", 1)]["tau"] >= 1.0
+    assert cells[("dspark-k2", 1)]["spec_rounds"] >= 4 * 8 and cells[("dspark-k2", 1)]["tau"] >= 1.0
     assert set(report["ratios"]) == set(methods) - {"none"}
     assert all(set(v) == {"1", "2"} and all(x > 0 for x in v.values()) for v in report["ratios"].values())
     assert report["outputs_identical"] is True
     assert report["config"]["methods"]["dspark"]["speculative_config"]["num_speculative_tokens"] == K
-    fixed = report["config"]["methods"]["dspark-fixed-k2"]
+    fixed = report["config"]["methods"]["dspark-k2"]
     assert fixed["speculative_config"]["num_speculative_tokens"] == 2
     assert fixed["additional_config"]["dspark"]["mode"] == "fixed"
     assert (out / "throughput.png").is_file() and (out / "throughput_vs_concurrency.png").is_file()
@@ -139,9 +139,13 @@ def test_bench_method_names():
     from vllm_dspark.eval.bench import method_kwargs
 
     args = argparse.Namespace(drafter="/d", ablation=None, k=None)
+    fixed = {"drafter": "/d", "record": False, "mode": "fixed"}
     assert method_kwargs("dspark-k3", args)["speculative_config"]["num_speculative_tokens"] == 3
-    assert method_kwargs("dspark-fixed-k3", args)["additional_config"]["dspark"] == \
-        {"drafter": "/d", "record": False, "mode": "fixed"}
+    assert method_kwargs("dspark-k3", args)["additional_config"]["dspark"] == fixed  # dspark-kN = fixed K
+    assert method_kwargs("dspark-fixed-k3", args)["additional_config"]["dspark"] == fixed
+    adaptive = method_kwargs("dspark-adaptive-k5", args)
+    assert adaptive["speculative_config"]["num_speculative_tokens"] == 5
+    assert "mode" not in adaptive["additional_config"]["dspark"]  # the plugin's default: adaptive
     assert method_kwargs("ngram-k2", args)["speculative_config"]["num_speculative_tokens"] == 2
     assert method_kwargs("none", args) == {}
     with pytest.raises(SystemExit, match="needs --ablation"):

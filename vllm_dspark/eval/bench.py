@@ -23,9 +23,10 @@ Design (what makes the numbers comparable):
   rounds), which stay per engine where Prometheus counters would be shared by all engines in the process.
 
 Methods are a registry ``name -> engine kwargs`` (:data:`METHODS`): ``none``, ``ngram`` (K=4, lookup 2-4),
-``dspark`` (plugin defaults: load-aware block lengths when the drafter has a confidence head),
-``dspark-fixed`` (always K drafts), and ``dspark-ablation[-fixed]`` for the ``--ablation`` drafter. Any name
-may take a ``-kN`` suffix that sets ``num_speculative_tokens``, e.g. ``--methods none,dspark-fixed-k3,dspark``.
+``dspark`` (plugin defaults: load-aware block lengths when the drafter has a confidence head, at most K),
+``dspark-kN`` (always N drafts: fixed K = N), ``dspark-adaptive-kN`` (load-aware with at most N), and the same
+for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``). ``ngram-kN`` sets ngram's K.
+E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
 """
 from __future__ import annotations
 
@@ -72,11 +73,15 @@ METHODS: dict[str, Callable[[argparse.Namespace, int | None], dict]] = {
     "ngram": _ngram,
     # The plugin's defaults: load-aware block lengths when the drafter has a confidence head.
     "dspark": _dspark_from("drafter"),
+    "dspark-adaptive": _dspark_from("drafter"),  # explicit name for "dspark-adaptive-kN"
     "dspark-fixed": _dspark_from("drafter", mode="fixed"),  # always K drafts
-    # A markov_rank=0 drafter (DFlash-style), same two modes.
+    # A markov_rank=0 drafter (DFlash-style), same modes.
     "dspark-ablation": _dspark_from("ablation"),
+    "dspark-ablation-adaptive": _dspark_from("ablation"),
     "dspark-ablation-fixed": _dspark_from("ablation", mode="fixed"),
 }
+# "dspark-kN" means fixed K = N (issue naming: adaptive is "dspark", fixed K runs are "dspark-k3", "dspark-k7").
+_FIXED_WITH_K = {"dspark": "dspark-fixed", "dspark-ablation": "dspark-ablation-fixed"}
 _K_SUFFIX = re.compile(r"^(?P<base>.+)-k(?P<k>[1-9][0-9]*)$")
 
 
@@ -85,7 +90,7 @@ def method_kwargs(name: str, args: argparse.Namespace) -> dict:
         return METHODS[name](args, None)
     m = _K_SUFFIX.match(name)
     if m and m["base"] in METHODS:
-        return METHODS[m["base"]](args, int(m["k"]))
+        return METHODS[_FIXED_WITH_K.get(m["base"], m["base"])](args, int(m["k"]))
     raise SystemExit(f"--methods: unknown method {name!r}; expected one of {sorted(METHODS)}, optionally with a "
                      "-kN suffix (e.g. dspark-k3)")
 
