@@ -148,6 +148,11 @@ def test_bench_method_names():
     assert "mode" not in adaptive["additional_config"]["dspark"]  # the plugin's default: adaptive
     assert method_kwargs("ngram-k2", args)["speculative_config"]["num_speculative_tokens"] == 2
     assert method_kwargs("none", args) == {}
+    from vllm_dspark.eval.bench import cell_prompts
+
+    sized = argparse.Namespace(num_prompts=64, min_prompts=8)
+    assert [cell_prompts(sized, c) for c in (1, 4, 16, 32, 64)] == [8, 8, 32, 64, 64]
+    assert cell_prompts(argparse.Namespace(num_prompts=16, min_prompts=0), 1) == 16
     with pytest.raises(SystemExit, match="needs --ablation"):
         method_kwargs("dspark-ablation", args)
     with pytest.raises(SystemExit, match="unknown method 'eagle'"):

@@ -188,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated maximum requests in flight")
     ap.add_argument("--prompts", default="mtbench", help="mtbench | FILE (turn-1 prompts)")
     ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--min-prompts", type=int, default=0,
+                    help="cells at concurrency c use min(--num-prompts, max(this, 2c)) prompts, so c=1 cells do "
+                         "not take hours; 0 = every cell uses all --num-prompts")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None,
@@ -244,7 +247,7 @@ def main(argv: list[str]) -> int:
     reference: dict[tuple[int, int], tuple[str, list[list[int]]]] = {}
     for r, c, n in tqdm(cells, desc="bench cells (round, concurrency, method)"):
         llm = engine(n)
-        outputs, seconds = generate_closed_loop(llm, token_prompts, params, c)
+        outputs, seconds = generate_closed_loop(llm, token_prompts[: cell_prompts(args, c)], params, c)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         generated = sum(map(len, tokens))
         samples[(n, c)].append({"tokens_per_s": generated / seconds, "seconds": seconds, "generated": generated,
@@ -271,6 +274,13 @@ def main(argv: list[str]) -> int:
     print(format_table(report))
     print(f"report: {out / 'report.json'}")
     return 0 if report["outputs_identical"] else 1
+
+
+def cell_prompts(args: argparse.Namespace, concurrency: int) -> int:
+    """Prompts one cell generates: all of them, or with --min-prompts M, min(all, max(M, 2 x concurrency))."""
+    if not args.min_prompts:
+        return args.num_prompts
+    return min(args.num_prompts, max(args.min_prompts, 2 * concurrency))
 
 
 def _report(args, argv, names, specs, conc, samples, mismatches) -> dict:
