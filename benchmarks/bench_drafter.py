@@ -190,7 +190,8 @@ def main(argv=None) -> int:
 
     cfg = smollm2_sized_config(args.markov_rank, args.draft_vocab)
     print(f"draft block of {GAMMA}, SmolLM2-sized drafter ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"r={cfg.markov_rank}, V={cfg.vocab_size}, draft V={cfg.draft_vocab}), ~{args.context} context rows, float32, "
+          f"r={cfg.markov_rank}, V={cfg.vocab_size}, draft V={cfg.draft_vocab}), ~{args.context} context rows, "
+          "float32, "
           f"{'T=1 with q' if args.sampled else 'greedy'}; median of {args.iters} after {args.warmup} warmup")
     print(HEADER)
     rows = run(args.batch, args.threads, args.topk, context=args.context, sampled=args.sampled,

@@ -366,7 +366,8 @@ ERROR_CASES = {
         "weights: d2t maps two draft ids to the same target id; expected distinct ids"),
     "d2t past the target vocabulary": (
         dict(draft_vocab_size=VD), lambda w: reduced(w, d2t=torch.full((VD,), V - 5)), {},
-        f"weights: d2t maps draft ids to target ids in [{V - 5}, {V - 5 + VD - 1}]; expected ids in [0, vocab_size={V})"),
+        f"weights: d2t maps draft ids to target ids in [{V - 5}, {V - 5 + VD - 1}]; "
+        f"expected ids in [0, vocab_size={V})"),
     "mis-shaped d2t": (
         dict(draft_vocab_size=VD), lambda w: reduced(w, d2t=torch.zeros(VD + 1, dtype=torch.int64)), {},
         f"weights: d2t has shape [{VD + 1}] and dtype torch.int64; expected a [{VD}] integer table"),
