@@ -1,8 +1,10 @@
 """Per-request drafter context: the injected K/V rows of every draft layer, kept in step with the target.
 
-Rows are projected once when they arrive (never recomputed) and stored in slot-major buffers
-``k, v [S, C, Ld, kvh, d]`` (S request slots, C capacity, grown by doubling), so a batch of requests is
-gathered with one ``index_select``. A request's rows must cover positions 0..n-1 without holes: a row that
+Rows are projected once (never recomputed) and stored in slot-major buffers ``k, v [S, C, Ld, kvh, d]``
+(S request slots, C capacity, grown by doubling), so a batch of requests is gathered with one
+``index_select``. ``append(..., defer=True)`` keeps the raw rows until something reads K/V (``gather``, the
+prefix cache) or too many are pending: steps that do not draft then cost a list append, and one projection
+later reads the weights once for all of them. A request's rows must cover positions 0..n-1 without holes: a row that
 would leave a gap raises :class:`ContextGapError` (the caller then stops drafting for that request rather
 than draft from a context with holes).
 """
@@ -79,6 +81,13 @@ class ContextStore:
         self._free: list[int] = list(range(initial_slots - 1, -1, -1))
         self.prefix_cache = prefix_cache
         self._chains: dict[str, list[bytes]] = {}  # block keys of each request's cached prefix
+        # Deferred rows (in arrival order; lengths already count them) and the prefix blocks to offer once
+        # they are projected: request id -> a copy of its tokens from position 0.
+        self._pending: list[tuple[str, int, torch.Tensor]] = []
+        self._pending_rows = 0
+        self._to_publish: dict[str, np.ndarray] = {}
+
+    MAX_PENDING_ROWS = 4096  # ~47 MB of raw SmolLM2 features; projected at once beyond that
 
     # ----------------------------------------------------------------- queries
     def __contains__(self, req_id: str) -> bool:
@@ -92,11 +101,12 @@ class ContextStore:
         return 0 if slot is None else self.lengths[slot]
 
     # ----------------------------------------------------------------- updates
-    def append(self, rows: list[tuple[str, int, torch.Tensor]]) -> None:
+    def append(self, rows: list[tuple[str, int, torch.Tensor]], *, defer: bool = False) -> None:
         """rows: (req_id, start_position, features [n, L*Ht]) per request; one batched projection for all.
 
         A start below the current length overwrites from there (a re-delivered prefix after recompute);
-        a start above it raises ContextGapError before anything is written.
+        a start above it raises ContextGapError before anything is written. ``defer``: keep the raw rows and
+        project them with the next :meth:`flush` (lengths count them at once).
         """
         rows = [r for r in rows if r[2].shape[0] > 0]
         if not rows:
@@ -105,6 +115,33 @@ class ContextStore:
             if start > self.length(req_id):
                 raise ContextGapError(f"request {req_id!r}: rows start at position {start} but its drafter "
                                       f"context ends at {self.length(req_id)}")
+        if defer:
+            for req_id, start, f in rows:
+                self.lengths[self._slot_for(req_id)] = start + f.shape[0]
+                self._pending.append((req_id, start, f))
+                self._pending_rows += f.shape[0]
+            if self._pending_rows > self.MAX_PENDING_ROWS:
+                self.flush()
+            return
+        self.flush()
+        self._project(rows)
+        for req_id, start, f in rows:
+            self.lengths[self.slots[req_id]] = start + f.shape[0]
+
+    def flush(self) -> None:
+        """Project every deferred row (one batched call), then offer the blocks they complete."""
+        if not self._pending:
+            return
+        rows = [r for r in self._pending if r[0] in self.slots]  # freed requests' rows are dropped
+        self._pending, self._pending_rows = [], 0
+        if rows:
+            self._project(rows)
+        publish, self._to_publish = self._to_publish, {}
+        for req_id, tokens in publish.items():
+            self._publish_now(req_id, tokens)
+
+    def _project(self, rows: list[tuple[str, int, torch.Tensor]]) -> None:
+        """Write the K/V of ``rows`` into their slots, in order (a later row may overwrite an earlier one)."""
         feats = torch.cat([f for _, _, f in rows])
         positions = torch.cat([torch.arange(s, s + f.shape[0]) for _, s, f in rows]).to(feats.device)
         with torch.inference_mode():
@@ -116,11 +153,19 @@ class ContextStore:
             self._reserve(start + n)
             self.k[slot, start:start + n] = k[offset:offset + n]
             self.v[slot, start:start + n] = v[offset:offset + n]
-            self.lengths[slot] = start + n
             offset += n
 
     def publish_blocks(self, req_id: str, tokens: np.ndarray) -> None:
-        """Offer this request's completed blocks to the prefix cache (tokens: its ids from position 0)."""
+        """Offer this request's completed blocks to the prefix cache (tokens: its ids from position 0);
+        with rows still deferred, once they are projected (the tokens are copied: callers pass views)."""
+        if self.prefix_cache is None or req_id not in self.slots:
+            return
+        if self._pending:
+            self._to_publish[req_id] = np.array(tokens, copy=True)
+            return
+        self._publish_now(req_id, tokens)
+
+    def _publish_now(self, req_id: str, tokens: np.ndarray) -> None:
         cache, slot = self.prefix_cache, self.slots.get(req_id)
         if cache is None or slot is None:
             return
@@ -136,9 +181,10 @@ class ContextStore:
         """Copy cached blocks covering ``tokens`` (the prefix up to where delivered rows start) into the
         request's context, from its current length on; returns the new length."""
         cache = self.prefix_cache
-        length = self.length(req_id)
         if cache is None:
-            return length
+            return self.length(req_id)
+        self.flush()  # blocks offered by earlier rows of this very step, and this request's own rows first
+        length = self.length(req_id)
         bs = cache.block_size
         keys = cache.chain(tokens, [])
         for j in range(length // bs, len(keys)):
@@ -159,11 +205,13 @@ class ContextStore:
     def free(self, req_id: str) -> None:
         slot = self.slots.pop(req_id, None)
         self._chains.pop(req_id, None)
+        self._to_publish.pop(req_id, None)
         if slot is not None:
             self.lengths[slot] = 0
             self._free.append(slot)
 
     def gather(self, req_ids: list[str]) -> ContextBatch:
+        self.flush()
         slots = [self.slots[r] for r in req_ids]
         lengths = torch.tensor([self.lengths[s] for s in slots], dtype=torch.long)
         c = max(1, int(lengths.max())) if slots else 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,44 @@ def test_context_gap_is_refused_and_free_releases_slot():
     assert store.length("r") == 4
     store.free("r")
     assert len(store) == 0 and store.length("r") == 0
+
+
+def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
+    from vllm_dspark.context import PrefixCache
+
+    m = tiny_drafter()
+    torch.manual_seed(4)
+    feats = {r: torch.randn(24, 96, dtype=torch.float64) for r in ("a", "b", "gone")}
+    now, later = ContextStore(m), ContextStore(m, initial_capacity=2, initial_slots=1)
+    calls = []
+    orig = m.context_kv
+    m.context_kv = lambda f, p: (calls.append(f.shape[0]), orig(f, p))[1]
+    steps = [(0, 8), (8, 9), (9, 12), (10, 16), (16, 24)]  # (10, 16) re-delivers rows 10-11 (recompute)
+    for start, stop in steps:
+        now.append([(r, start, feats[r][start:stop]) for r in feats])
+        later.append([(r, start, feats[r][start:stop]) for r in feats], defer=True)
+        assert later.length("a") == now.length("a") == stop  # lengths count deferred rows at once
+    assert len(calls) == len(steps)  # only the immediate store projected so far
+    with pytest.raises(ContextGapError, match="rows start at position 30 but its drafter context ends at 24"):
+        later.append([("a", 30, feats["a"][:2])], defer=True)
+    later.free("gone")  # its deferred rows are dropped, never projected
+    calls.clear()
+    a, b = now.gather(["a", "b"]), later.gather(["a", "b"])
+    assert calls == [2 * (24 + 2)]  # one projection for every deferred row of the live requests (2 re-sent)
+    torch.testing.assert_close(a.k, b.k, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.v, b.v, atol=1e-12, rtol=0)
+    later.gather(["a"])
+    assert len(calls) == 1  # nothing left to project
+
+    # Prefix blocks offered while rows are deferred reach the cache once projected, from a copy of the tokens.
+    calls.clear()
+    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_blocks=16))
+    tokens = np.arange(100, 124)
+    store.append([("p", 0, feats["a"])], defer=True)
+    view = tokens.copy()
+    store.publish_blocks("p", view)
+    view[:] = -1  # the runner reuses its token buffer: the store must not keep the view
+    assert not store.prefix_cache.blocks and not calls
+    assert store.fill_from_prefix_cache("q", tokens[:16]) == 16  # flushes "p", then copies two blocks
+    torch.testing.assert_close(store.gather(["q"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
+    m.context_kv = orig

@@ -252,7 +252,7 @@ class DSparkProposer:
 
     def _append(self, rows, step: StepRows, index: dict[str, int]) -> None:
         try:
-            self.store.append(rows)
+            self.store.append(rows, defer=True)  # projected when drafting next reads them (store.flush)
         except ContextGapError:  # defensive: callers only pass rows that start inside the context
             self.stats.faults += 1
             return
@@ -299,6 +299,12 @@ class DSparkProposer:
         self.stats.steps += 1
         if not rows:
             return out
+        # Rows deferred since the last drafting step (several when the adaptive policy paused drafting) are
+        # projected here, outside the drafter's timing: every step pays for them, drafting or not.
+        t_flush = time.perf_counter()
+        self.store.flush()
+        t0 += time.perf_counter() - t_flush
+        self.stats.ingest_seconds += time.perf_counter() - t_flush
         device = self.drafter.fc.weight.device
         req_ids = [self._batch_req_ids[i] for i in rows]
         temperature = torch.tensor(temps, dtype=torch.float32, device=device)
