@@ -65,16 +65,25 @@ def mix32_(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _seed_hash(seed: torch.Tensor) -> torch.Tensor:
+    """[B] int64 seeds -> [B] int32: the position-independent part of the row key."""
+    lo = _to_i32(seed & _U32)
+    hi = _to_i32((seed >> 32) & _U32)
+    return mix32_(mix32_(lo ^ _i32(SEED_XOR)) ^ hi)
+
+
 def row_keys(seed: torch.Tensor, position: int) -> torch.Tensor:
     """Per-row 32-bit keys for one draft position.
 
     seed: [B] int64 -> [B] int32 (the uint32 key's bits).
     """
-    lo = _to_i32(seed & _U32)
-    hi = _to_i32((seed >> 32) & _U32)
-    h = mix32_(lo ^ _i32(SEED_XOR))
-    h = mix32_(h ^ hi)
-    return mix32_(h ^ _i32(position * POS_MUL + POS_ADD))
+    return mix32_(_seed_hash(seed) ^ _i32(position * POS_MUL + POS_ADD))
+
+
+def block_row_keys(seed: torch.Tensor, g: int) -> torch.Tensor:
+    """``row_keys`` for positions 0..g-1 at once: [B] int64 -> [g, B] int32 (row k = row_keys(seed, k))."""
+    pos = torch.tensor([_i32(k * POS_MUL + POS_ADD) for k in range(g)], dtype=torch.int32, device=seed.device)
+    return mix32_(_seed_hash(seed)[None, :] ^ pos[:, None])
 
 
 def gumbel(keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,48 @@ def _inv_temperature(temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return sampled, torch.where(sampled, 1.0 / torch.where(sampled, temperature, 1.0), 1.0)
 
 
+# ------------------------------------------------------------------------------------------------ candidates
+def top_candidates(base_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of the base logits per [B, g] row: (values [B, g, k], vocab ids [B, g, k]), ids ascending.
+
+    Ascending ids make "the first maximum" of any score over the candidates the lowest vocab id among the
+    maxima (the tie rule of the head). On CPU the selection is ``_select_top`` (~3x faster than torch.topk
+    at V = 49152, k = 32, where torch.topk alone was ~9% of a draft block); on GPU it is torch.topk.
+    """
+    V = base_logits.shape[-1]
+    if base_logits.is_cuda or V <= 8 * k:
+        vals, ids = base_logits.topk(k, dim=-1)
+    else:
+        rows = base_logits.reshape(-1, V)
+        vals, ids = _select_top(rows, k)
+        vals, ids = vals.view(*base_logits.shape[:-1], k), ids.view(*base_logits.shape[:-1], k)
+    ids, order = ids.sort(dim=-1)
+    return vals.gather(-1, order), ids
+
+
+def _select_top(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of each row of [R, N] (ties at the k-th value aside), by chunk maxima, recursively.
+
+    The k chunks with the largest maxima hold every top-k value (a chunk holding one has a maximum at least
+    that large, and at most k chunks do), so: chunk maxima (one vectorised pass), the top-k of the maxima
+    (recursively), then the top-k of the k x c values of those chunks (recursively). torch.topk runs only on
+    rows of <= 8k values, where it is cheap; the big rows see one amax.
+    """
+    R, N = rows.shape
+    if N <= 8 * k:
+        return rows.topk(k, dim=-1)
+    c = 64 if N >= 512 * k else 8
+    pad = (-N) % c
+    if pad:  # -inf is never chosen: N > 8k gives >= k chunks, each with a real maximum
+        rows = torch.nn.functional.pad(rows, (0, pad), value=float("-inf"))
+    n = rows.shape[1] // c
+    chunks = rows.view(R, n, c)
+    _, best = _select_top(chunks.amax(dim=-1), k)  # [R, k] chunk numbers
+    flat = (best + torch.arange(R, device=rows.device)[:, None] * n).flatten()
+    vals, j = _select_top(chunks.reshape(R * n, c).index_select(0, flat).view(R, k * c), k)
+    return vals, best.gather(1, j // c) * c + j % c
+
+
 # ----------------------------------------------------------------------------------------------- reference
 def markov_head_reference(
     base_logits: torch.Tensor,  # [B, g, V] float32 | bfloat16 | float16
@@ -133,51 +175,84 @@ def markov_head_reference(
 ) -> MarkovHeadOutput:
     """The Markov head in plain torch (float32 math), batched over rows; a Python loop over the g positions only."""
     B, g, V, r = _check_args(base_logits, w1, w2, anchor, temperature, seed, topk, conf_w, d2t)
+    if topk:
+        return _topk_reference(base_logits, w1, w2, anchor, temperature, seed, topk, conf_w, return_q, d2t)
     out = empty_output(B, g, V, topk, return_q, conf_w, base_logits.device)
     sampled, inv_t = _inv_temperature(temperature)
     samp_rows = sampled.nonzero().squeeze(1)  # [Bs] rows that sample: only they need noise and a softmax
     greedy_rows = (~sampled).nonzero().squeeze(1)  # [Bg] rows whose q is a one-hot
     conf_wf = conf_w.float() if conf_w is not None else None
-    if topk:
-        cand_val, q_ids = base_logits.topk(topk, dim=-1)  # [B, g, K] each; candidates do not depend on x
-    else:
-        w2t = w2.float().t()  # [r, V] (a copy per call unless w2 is float32 already)
-        vocab = torch.arange(V, device=base_logits.device)  # [V]
-    q_out = out.q_probs if topk else out.q  # [B, g, K or V] or None
+    w2t = w2.float().t()  # [r, V] (a copy per call unless w2 is float32 already)
+    vocab = torch.arange(V, device=base_logits.device)  # [V]
     x_target = anchor  # [B] target id feeding the next step
     for k in range(g):
         e = w1[x_target].float()  # [B, r]
         if conf_wf is not None:
             out.conf_markov[:, k] = e @ conf_wf
-        if topk:
-            ids = q_ids[:, k]  # [B, K]
-            bias = torch.bmm(w2[ids].float(), e.unsqueeze(-1)).squeeze(-1)  # [B, K]
-            scaled = (cand_val[:, k].float() + bias) * inv_t[:, None]  # [B, K]
-        else:
-            ids = vocab
-            scaled = torch.addmm(base_logits[:, k].float(), e, w2t) * inv_t[:, None]  # [B, V]
+        scaled = torch.addmm(base_logits[:, k].float(), e, w2t) * inv_t[:, None]  # [B, V]
         perturbed = scaled
         if samp_rows.numel():
-            noise = counter_rng.gumbel(counter_rng.row_keys(seed[samp_rows], k), ids[samp_rows] if topk else ids)
+            noise = counter_rng.gumbel(counter_rng.row_keys(seed[samp_rows], k), vocab)
             perturbed = scaled.index_add(0, samp_rows, noise)
-        if topk:  # lowest vocab id among the maxima, as in the kernel
-            best = perturbed.max(dim=-1, keepdim=True).values
-            x = torch.where(perturbed == best, ids, V).min(dim=-1).values
-        else:
-            x = perturbed.argmax(dim=-1)  # first maximum = lowest vocab id
+        x = perturbed.argmax(dim=-1)  # first maximum = lowest vocab id
         out.tokens[:, k] = x
         x_target = x if d2t is None else x + d2t[x]
-        if q_out is not None:
-            q_k = q_out[:, k]  # [B, K or V] view
+        if out.q is not None:
+            q_k = out.q[:, k]  # [B, V] view
             if samp_rows.numel():
                 q_k.copy_(torch.softmax(scaled, dim=-1))
             if greedy_rows.numel():
-                x_g = x[greedy_rows, None]
-                one_hot = (ids[greedy_rows] == x_g) if topk else (vocab == x_g)
-                q_k[greedy_rows] = one_hot.float()
-    if topk and return_q:
-        return MarkovHeadOutput(out.tokens, None, out.q_probs, q_ids, out.conf_markov)
+                q_k[greedy_rows] = (vocab == x[greedy_rows, None]).float()
     return out
+
+
+def _topk_reference(base_logits, w1, w2, anchor, temperature, seed, topk, conf_w, return_q, d2t):
+    """Top-k head: what does not depend on the chain is batched over the g positions (candidates, their target
+    ids, the sampling noise); the loop per position gathers the K rows of w2 and one row of w1 per request, takes
+    a [K, r] x [r] product per row and an argmax over the K candidates (ids ascending: the first maximum is the
+    lowest vocab id)."""
+    B, g, V = base_logits.shape
+    r = w1.shape[1]
+    dev = base_logits.device
+    sampled, inv_t = _inv_temperature(temperature)
+    samp_rows = sampled.nonzero().squeeze(1)
+    any_sampled = bool(samp_rows.numel())
+    cand_val, q_ids = top_candidates(base_logits, topk)  # [B, g, K] each
+    pos_ids = q_ids.transpose(0, 1)  # [g, B, K] so that each position's slices are contiguous
+    pos_val = cand_val.transpose(0, 1).float().contiguous()
+    target_ids = pos_ids if d2t is None else pos_ids + d2t[pos_ids]  # [g, B, K] what w1 reads next
+    if any_sampled:  # the noise of every (position, candidate) at once: it does not depend on the chain
+        Bs = samp_rows.numel()
+        keys = counter_rng.block_row_keys(seed[samp_rows], g)  # [g, Bs]
+        noise = counter_rng.gumbel(keys.flatten(), pos_ids[:, samp_rows].reshape(g * Bs, topk)).view(g, Bs, topk)
+    rows = torch.arange(B, device=dev)
+    picks = torch.empty(g, B, dtype=torch.int64, device=dev)  # index of the drawn candidate
+    scores = torch.empty(g, B, topk, dtype=torch.float32, device=dev) if return_q and any_sampled else None
+    prev = torch.empty(g, B, dtype=torch.int64, device=dev)  # target id feeding each step (for conf)
+    x_target = anchor
+    for k in range(g):
+        prev[k] = x_target
+        w2k = w2.index_select(0, pos_ids[k].flatten()).view(B, topk, r).float()  # [B, K, r] (per step: memory)
+        bias = (w2k * w1[x_target].float()[:, None, :]).sum(-1)  # [B, K]; ~6x faster than bmm with N = 1
+        scaled = pos_val[k] + bias
+        if any_sampled:
+            scaled = scaled * inv_t[:, None]
+        if scores is not None:
+            scores[k] = scaled
+        if any_sampled:
+            scaled = scaled.index_add(0, samp_rows, noise[k])
+        picks[k] = idx = scaled.argmax(dim=-1)
+        x_target = target_ids[k, rows, idx]
+    tokens = pos_ids.gather(2, picks[..., None]).squeeze(-1).t().contiguous()  # [B, g]
+    conf = None
+    if conf_w is not None:
+        conf = (w1[prev].float() @ conf_w.float()).t().contiguous()  # [B, g]
+    if not return_q:
+        return MarkovHeadOutput(tokens, conf_markov=conf)
+    q = (torch.arange(topk, device=dev) == picks[..., None]).float()  # [g, B, K] one-hot (greedy rows)
+    if scores is not None:
+        q[:, samp_rows] = torch.softmax(scores[:, samp_rows], dim=-1)
+    return MarkovHeadOutput(tokens, None, q.transpose(0, 1).contiguous(), q_ids, conf)
 
 
 # ------------------------------------------------------------------------------------------------- wrapper

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .counter_rng import MIX_C1, MIX_C2, ONE_THIRD, POS_ADD, POS_MUL, SEED_XOR, SERIES_BELOW, VOCAB_MUL, W_MAX, W_MIN
-from .markov_head import MarkovHeadOutput, empty_output
+from .markov_head import MarkovHeadOutput, empty_output, top_candidates
 
 _MAX_TRITON_RANK = 512  # top-k holds [BLOCK_K, next_pow2(r)] gathered w2 values in registers; DSpark uses r <= 256
 
@@ -409,7 +409,7 @@ def markov_head_triton(
     block_r = max(16, _next_pow2(r))
 
     if topk:
-        cand_val, cand_id = base_logits.topk(topk, dim=-1)  # [B, g, K]; same call as the reference
+        cand_val, cand_id = top_candidates(base_logits, topk)  # [B, g, K], ids ascending; as the reference
         cand_val, cand_id = cand_val.contiguous(), cand_id.contiguous()
         q_arg = out.q_probs if out.q_probs is not None else out.tokens
         # a [BLOCK_K, BLOCK_R] fp32 tile of gathered w2 rows lives in registers: keep it <= 8K values

@@ -93,7 +93,8 @@ def test_topk_kernel_matches_reference_fp32(B, g, V, r, k, block_k):
     out = mht.markov_head_triton(**inputs, topk=k, conf_w=conf_w, block_k=block_k)
     assert_same_draws(out, ref, q_atol=1e-5)
     assert_valid_q(out, inputs["temperature"])
-    assert torch.equal(out.q_ids, inputs["base_logits"].topk(k, dim=-1).indices)  # candidates = top-k of base
+    # candidates = the top-k of base, in ascending id order
+    assert torch.equal(out.q_ids, inputs["base_logits"].topk(k, dim=-1).indices.sort(dim=-1).values)
 
 
 def perturbed_scores(inputs, tokens, topk=0):
@@ -266,7 +267,7 @@ def test_positions_are_independent():
 def test_topk_sampling_frequencies_match_truncated_softmax():
     inputs = fixed_row_inputs(LOGITS, 20000, 1, 1.0)
     out = markov_head_reference(**inputs, topk=4)
-    cand = LOGITS.topk(4).indices
+    cand = LOGITS.topk(4).indices.sort().values  # q_ids come in ascending id order
     p = torch.softmax(LOGITS[cand].double(), -1).numpy()
     counts = sample_counts(out.tokens[:, 0], 10)
     assert counts.sum() == counts[cand.numpy()].sum()  # never off the candidates
@@ -301,6 +302,8 @@ def test_torch_hash_matches_python_integers():
         h = py_mix32(h ^ hi)
         h = py_mix32(h ^ ((3 * counter_rng.POS_MUL + counter_rng.POS_ADD) & 0xFFFFFFFF))
         assert key & 0xFFFFFFFF == h
+    block = counter_rng.block_row_keys(torch.tensor(seeds), 5)  # every position at once, as the top-k head uses
+    assert torch.equal(block, torch.stack([counter_rng.row_keys(torch.tensor(seeds), k) for k in range(5)]))
 
 
 def test_triton_noise_matches_torch_noise():
@@ -447,3 +450,29 @@ def test_benchmark_gpu_mode_says_no_cuda(capsys):
 
     assert main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("V", [49152, 20037])  # a multiple of the chunk, and one padded with -inf
+def test_chunked_top_candidates_are_the_top_k(V):
+    """The CPU two-stage selection (chunk maxima, then the best chunks) returns torch.topk's set, ids ascending."""
+    from vllm_dspark_kernels.markov_head import top_candidates
+
+    base = torch.randn(3, 7, V, generator=torch.Generator().manual_seed(V))
+    base[0, 0, :64] = 5.0 + torch.arange(64) / 100  # all of the top-k in one chunk
+    base[1, 2, ::97] += 4.0  # the top-k spread over many chunks
+    vals, ids = top_candidates(base, 32)
+    ref_vals, ref_ids = base.topk(32, dim=-1)
+    assert torch.equal(ids, ref_ids.sort(dim=-1).values)
+    assert torch.equal(vals, base.gather(-1, ids))
+    assert torch.equal(ids[0, 0], torch.arange(32, 64))
+
+
+def test_chunked_top_candidates_with_ties_keep_the_top_values():
+    """bf16 logits tie often: the chosen ids may differ from torch.topk's among equal values, never the values."""
+    from vllm_dspark_kernels.markov_head import top_candidates
+
+    base = torch.randn(4, 7, 49152, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    vals, ids = top_candidates(base, 32)
+    assert torch.equal(vals.sort(dim=-1).values, base.topk(32, dim=-1).values.sort(dim=-1).values)
+    assert torch.equal(vals, base.gather(-1, ids))
+    assert (ids.diff(dim=-1) > 0).all()
