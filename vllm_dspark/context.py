@@ -128,15 +128,25 @@ class ContextStore:
         for req_id, start, f in rows:
             self.lengths[self.slots[req_id]] = start + f.shape[0]
 
-    def flush(self) -> None:
-        """Project every deferred row (one batched call), then offer the blocks they complete."""
+    def flush(self, req_ids: list[str] | None = None) -> None:
+        """Project the deferred rows (one batched call), then offer the blocks they complete: all of them, or
+        only those of ``req_ids`` (the others stay deferred)."""
         if not self._pending:
             return
-        rows = [r for r in self._pending if r[0] in self.slots]  # freed requests' rows are dropped
-        self._pending, self._pending_rows = [], 0
+        if req_ids is None:
+            take, keep = self._pending, []
+        else:
+            wanted = set(req_ids)
+            take = [r for r in self._pending if r[0] in wanted]
+            keep = [r for r in self._pending if r[0] not in wanted]
+        rows = [r for r in take if r[0] in self.slots]  # freed requests' rows are dropped
+        self._pending, self._pending_rows = keep, sum(f.shape[0] for _, _, f in keep)
         if rows:
             self._project(rows)
-        publish, self._to_publish = self._to_publish, {}
+        if req_ids is None:
+            publish, self._to_publish = self._to_publish, {}
+        else:
+            publish = {r: self._to_publish.pop(r) for r in req_ids if r in self._to_publish}
         for req_id, tokens in publish.items():
             self._publish_now(req_id, tokens)
 
@@ -211,7 +221,7 @@ class ContextStore:
             self._free.append(slot)
 
     def gather(self, req_ids: list[str]) -> ContextBatch:
-        self.flush()
+        self.flush(req_ids)
         slots = [self.slots[r] for r in req_ids]
         lengths = torch.tensor([self.lengths[s] for s in slots], dtype=torch.long)
         c = max(1, int(lengths.max())) if slots else 1

@@ -365,6 +365,45 @@ def choose_block_lengths(
     return plan_block_lengths(survival, cost, max_lengths, min_length).lengths
 
 
+class DraftPause:
+    """When a plan finds drafting not worth its cost (drafter time included), stop drafting for a while.
+
+    The pause doubles after each further such plan, from ``base`` up to ``cap`` steps: a probe drafts for the
+    whole batch, which under load costs more than a target step, so probing at a fixed interval would cost a
+    fixed share of throughput. A plan that drafts resets it; so does the batch falling to half the size it had
+    when the pause began (load fell: probe at once). ``probing`` is true from the first step after a pause
+    until the next verdict: the caller may probe with a sample of the batch.
+    """
+
+    def __init__(self, base: int, cap: int):
+        if not 1 <= base <= cap:
+            raise ValueError(f"DraftPause: expected 1 <= base <= cap; got base={base}, cap={cap}")
+        self.base, self.cap = base, cap
+        self.interval = base  # the length of the next pause
+        self.until = 0  # first step allowed to draft
+        self.batch = 0  # requests in the batch whose plan began the pause
+        self.probing = False
+
+    def active(self, step: int, batch: int) -> bool:
+        """Whether step ``step`` with ``batch`` requests should skip drafting."""
+        if step >= self.until:
+            self.probing = self.probing or self.until > 0
+            return False
+        if 2 * batch <= self.batch:
+            self.until, self.interval, self.probing = 0, self.base, False
+            return False
+        return True
+
+    def not_worth_it(self, step: int, batch: int) -> None:
+        self.until = step + self.interval
+        self.interval = min(2 * self.interval, self.cap)
+        self.batch = batch
+        self.probing = False
+
+    def worth_it(self) -> None:
+        self.until, self.interval, self.probing = 0, self.base, False
+
+
 # --------------------------------------------------------------------------------------------------------
 # Calibration: sequential temperature scaling (STS)
 

@@ -179,12 +179,14 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
         later.append([("a", 30, feats["a"][:2])], defer=True)
     later.free("gone")  # its deferred rows are dropped, never projected
     calls.clear()
+    later.gather(["a"])
+    assert calls == [24 + 2]  # only the gathered request's rows (2 re-sent); b's stay deferred
     a, b = now.gather(["a", "b"]), later.gather(["a", "b"])
-    assert calls == [2 * (24 + 2)]  # one projection for every deferred row of the live requests (2 re-sent)
+    assert calls == [24 + 2, 24 + 2]  # now b's, in one projection
     torch.testing.assert_close(a.k, b.k, atol=1e-12, rtol=0)
     torch.testing.assert_close(a.v, b.v, atol=1e-12, rtol=0)
-    later.gather(["a"])
-    assert len(calls) == 1  # nothing left to project
+    later.gather(["a", "b"])
+    assert len(calls) == 2  # nothing left to project
 
     # Prefix blocks offered while rows are deferred reach the cache once projected, from a copy of the tokens.
     calls.clear()

@@ -11,6 +11,7 @@ from vllm_dspark.eval.metrics import calibration_report
 from vllm_dspark.scheduling import (
     CALIBRATION_FILE,
     CostTable,
+    DraftPause,
     apply_temperature,
     choose_block_lengths,
     fit_sequential_temperature,
@@ -327,3 +328,78 @@ def test_linear_cost_fits_online_steps_and_uses_its_prior_until_sizes_spread():
     flat = plan_block_lengths(survival, LinearCost(overhead_tokens=1000.0)).lengths.sum()
     steep = plan_block_lengths(survival, LinearCost(overhead_tokens=2.0)).lengths.sum()
     assert steep < flat
+
+
+# ------------------------------------------------------------------------------------------ pauses in drafting
+def test_draft_pause_backs_off_exponentially_and_resets():
+    pause = DraftPause(base=4, cap=16)
+    assert not pause.active(0, 32)
+    starts = []
+    step = 0
+    for _ in range(5):  # five plans in a row find drafting not worth it, each right when the pause ends
+        pause.not_worth_it(step, 32)
+        paused = [s for s in range(step, step + 40) if pause.active(s, 32)]
+        assert paused == list(range(step, paused[-1] + 1))
+        starts.append(len(paused))
+        step = paused[-1] + 1
+    assert starts == [4, 8, 16, 16, 16]  # doubled, capped
+    pause.worth_it()
+    pause.not_worth_it(step, 32)
+    assert [pause.active(step + i, 32) for i in range(5)] == [True] * 4 + [False]  # back to the base pause
+
+
+def test_draft_pause_ends_when_the_batch_halves():
+    pause = DraftPause(base=8, cap=64)
+    pause.not_worth_it(0, 32)
+    pause.not_worth_it(8, 32)  # the second pause: 16 steps
+    assert pause.active(9, 17)  # still more than half the batch
+    assert not pause.active(10, 16)  # load fell: probe at once ...
+    pause.not_worth_it(10, 16)
+    assert [pause.active(10 + i, 16) for i in range(9)] == [True] * 8 + [False]  # ... with a fresh backoff
+
+
+def test_draft_pause_and_probe_settings_are_checked():
+    from vllm_dspark.config import DSparkConfigError
+    from vllm_dspark.integration.proposer import DSparkSettings
+
+    with pytest.raises(ValueError, match="expected 1 <= base <= cap; got base=8, cap=4"):
+        DraftPause(8, 4)
+    ok = DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "probe_interval": 8}})
+    assert (ok.probe_interval, ok.probe_interval_max) == (8, 1024)
+    with pytest.raises(DSparkConfigError, match=r'\["probe_interval_max"\]=16: expected >= probe_interval \(32\)'):
+        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "probe_interval_max": 16}})
+    with pytest.raises(DSparkConfigError, match=r'\["probe_interval"\]=0: expected an integer >= 1'):
+        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "probe_interval": 0}})
+
+
+def _bare_proposer(k: int = 4):
+    """A DSparkProposer with only the state ``_plan`` reads (no engine, no drafter)."""
+    from vllm_dspark.integration.proposer import DSparkProposer, ProposerStats
+    from vllm_dspark.scheduling import LinearCost
+
+    prop = DSparkProposer.__new__(DSparkProposer)
+    prop.calibration, prop.max_model_len, prop.num_spec_tokens, prop._g = None, 10_000, k, k
+    prop.cost, prop.draft_cost = LinearCost(overhead_tokens=10.0), LinearCost(overhead_tokens=4.0)
+    prop.cost.observe(16, 0.1)  # a 16-token step takes 0.1 s
+    prop._pause, prop.stats = DraftPause(32, 1024), ProposerStats()
+    prop.stats.steps = 100
+    return prop
+
+
+def test_probe_stands_for_the_batch_and_verifies_nothing():
+    confident = torch.full((4, 4), 6.0)  # survival ~1 at every position
+    prop = _bare_proposer()
+    prop._pause.not_worth_it(40, 16)
+    assert not prop._pause.active(100, 16) and prop._pause.probing
+    # Cheap drafting: worth it for the batch of 16 -> the pause ends, but the probe itself drafts nothing.
+    assert prop._plan(confident, [10] * 4, 4, 0.001, batch=16) == [0, 0, 0, 0]
+    assert (prop._pause.until, prop._pause.probing, prop._pause.interval) == (0, False, 32)
+    assert prop._g > 1
+    # The same four rows drafting for themselves (not a probe) get their drafts.
+    assert prop._plan(confident, [10] * 4, 4, 0.001, batch=4) == [4, 4, 4, 4]
+    # Drafting that costs more than it saves for a batch of 16: a pause, sized from the whole batch.
+    prop = _bare_proposer()
+    assert prop._plan(confident, [10] * 4, 4, 5.0, batch=16) == [0, 0, 0, 0]
+    assert (prop._pause.until, prop._pause.batch, prop._pause.interval) == (100 + 32, 16, 64)
+    a, b = prop.draft_cost.coefficients()
+    assert a + 4 * b == pytest.approx(5.0)  # drafting 4 requests took 5 s: the model learned it

@@ -26,7 +26,7 @@ import torch
 from ..checkpoint import load_drafter, read_weights, validate_weights
 from ..config import DSparkConfig, DSparkConfigError
 from ..context import ContextGapError, ContextStore, PrefixCache
-from ..scheduling import CALIBRATION_FILE, LinearCost, apply_temperature, load_calibration, plan_block_lengths
+from ..scheduling import CALIBRATION_FILE, DraftPause, LinearCost, apply_temperature, load_calibration, plan_block_lengths
 from ..drafting import draft_block
 from . import compat, metrics
 from .compat import StepRows
@@ -51,8 +51,11 @@ class DSparkSettings:
     # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
     # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
     mode: str = "adaptive"
-    # Adaptive mode: steps to skip drafting after a plan found speculation not worth its cost.
+    # Adaptive mode: steps to skip drafting after a plan found speculation not worth its cost; doubled after
+    # each further such plan, up to probe_interval_max (a probe drafts for the whole batch, which under load
+    # costs more than a step), and back to probe_interval when a plan drafts again or the batch halves.
     probe_interval: int = 32
+    probe_interval_max: int = 1024
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
     record: bool = False
@@ -72,6 +75,13 @@ class DSparkSettings:
             raise DSparkConfigError(f'additional_config["dspark"]["drafter"]={s.drafter!r}: expected a drafter directory')
         if not isinstance(s.topk, int) or s.topk < 0:
             raise DSparkConfigError(f'additional_config["dspark"]["topk"]={s.topk!r}: expected an integer >= 0')
+        for name in ("probe_interval", "probe_interval_max"):
+            value = getattr(s, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
+        if s.probe_interval_max < s.probe_interval:
+            raise DSparkConfigError(f'additional_config["dspark"]["probe_interval_max"]={s.probe_interval_max!r}: '
+                                    f'expected >= probe_interval ({s.probe_interval})')
         if s.mode not in ("adaptive", "fixed"):
             raise DSparkConfigError(f'additional_config["dspark"]["mode"]={s.mode!r}: expected adaptive|fixed')
         if s.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -152,9 +162,11 @@ class DSparkProposer:
             self.calibration = load_calibration(cal)[0]
         self._g = self.num_spec_tokens  # positions drafted this step (trimmed under load)
         # Drafting itself costs time (on CPU the drafter's LM head is a large share of a step): when the
-        # best plan including it is slower than not speculating, stop drafting and probe again later.
-        self._draft_seconds_ema: float | None = None
-        self._idle_until_step = 0
+        # best plan including it is slower than not speculating, stop drafting and probe again later, with a
+        # sample of the batch. Drafter seconds vs requests drafted, a fixed part + a part per request (~4:1
+        # measured for SmolLM2's drafter on this CPU), learned online like the target's cost.
+        self.draft_cost = LinearCost(overhead_tokens=4.0)
+        self._pause = DraftPause(self.settings.probe_interval, self.settings.probe_interval_max)
         self._step_t0: float | None = None
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
 
@@ -275,7 +287,7 @@ class DSparkProposer:
         if self.store is None:
             return out
         t0 = time.perf_counter()
-        if self.adaptive and self.stats.steps < self._idle_until_step:
+        if self.adaptive and self._pause.active(self.stats.steps, len(sampled_token_ids)):
             self.stats.steps += 1
             return out
         k = max(0, min(self.num_spec_tokens, self._budget, self._g if self.adaptive else self.num_spec_tokens))
@@ -299,14 +311,21 @@ class DSparkProposer:
         self.stats.steps += 1
         if not rows:
             return out
-        # Rows deferred since the last drafting step (several when the adaptive policy paused drafting) are
-        # projected here, outside the drafter's timing: every step pays for them, drafting or not.
+        batch = len(rows)
+        if self.adaptive and self._pause.probing and batch > self.PROBE_ROWS:
+            # After a pause, draft for a few requests only: their confidences stand for the batch's, and a
+            # probe of the whole batch would cost more than a target step under load.
+            first = self._round % batch
+            keep = sorted((first + j) % batch for j in range(self.PROBE_ROWS))
+            rows, anchors, temps = ([x[j] for j in keep] for x in (rows, anchors, temps))
+        # Rows deferred since these requests last drafted (several steps' worth when the adaptive policy
+        # paused drafting) are projected here, outside the drafter's timing.
+        req_ids = [self._batch_req_ids[i] for i in rows]
         t_flush = time.perf_counter()
-        self.store.flush()
+        self.store.flush(req_ids)
         t0 += time.perf_counter() - t_flush
         self.stats.ingest_seconds += time.perf_counter() - t_flush
         device = self.drafter.fc.weight.device
-        req_ids = [self._batch_req_ids[i] for i in rows]
         temperature = torch.tensor(temps, dtype=torch.float32, device=device)
         want_q = self.settings.probabilistic and bool((temperature > 0).any())
         self._round += 1
@@ -320,7 +339,7 @@ class DSparkProposer:
             conf = block.confidence.tolist() if block.confidence is not None else None
             if self.adaptive and block.confidence_logit is not None:
                 lengths = self._plan(block.confidence_logit, [int(num_tokens_no_spec[i]) for i in rows], k,
-                                     time.perf_counter() - t0)
+                                     time.perf_counter() - t0, batch)
                 tokens = [t[:n] for t, n in zip(tokens, lengths)]
         except Exception:  # noqa: BLE001 - a drafter fault must never take the engine down
             self._fault("drafting")
@@ -349,27 +368,35 @@ class DSparkProposer:
             logger.warning("vllm-dspark: the drafter failed during %s; this step runs without speculation "
                            "(output is unaffected). Later faults are only counted.", where, exc_info=True)
 
-    def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int, draft_seconds: float) -> list[int]:
+    PROBE_ROWS = 4  # requests drafted by a probe after a pause
+
+    def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int, draft_seconds: float,
+              batch: int) -> list[int]:
         """Per-request draft lengths maximising expected tokens x steps/s (paper Alg. 1, early stop), then
-        the whole plan against not speculating at all, the drafter's own time included."""
+        the whole plan against not speculating at all, the drafter's own time included. ``batch`` > rows
+        drafted: a probe, whose rows stand for the whole batch (tiled); it decides whether to draft again
+        and verifies nothing itself."""
         z = confidence_logit.float().cpu().numpy()
         if self.calibration is not None:
             survival = apply_temperature(z, self.calibration[: z.shape[1]])
         else:
             survival = np.cumprod(1.0 / (1.0 + np.exp(-z)), axis=1)
-        caps = [max(0, min(k, self.max_model_len - n)) for n in num_tokens]
+        caps = np.array([max(0, min(k, self.max_model_len - n)) for n in num_tokens])
+        r = len(caps)
+        self.draft_cost.observe(r, draft_seconds)
+        probe = batch > r
+        if probe:
+            survival, caps = np.resize(survival, (batch, survival.shape[1])), np.resize(caps, batch)
         plan = plan_block_lengths(survival, self.cost, caps)
         lengths = plan.lengths.tolist()
         # Draft no more positions next step than could be chosen now (+1 to grow back when load falls).
         self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 1))
-        ema = self._draft_seconds_ema
-        self._draft_seconds_ema = draft_seconds if ema is None else 0.8 * ema + 0.2 * draft_seconds
-        r = len(lengths)
-        with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + self._draft_seconds_ema)
-        if with_drafts <= r / self.cost.seconds(r):
-            self._idle_until_step = self.stats.steps + self.settings.probe_interval
+        with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + self.draft_cost.seconds(batch))
+        if with_drafts <= batch / self.cost.seconds(batch):
+            self._pause.not_worth_it(self.stats.steps, batch)
             return [0] * r
-        return lengths
+        self._pause.worth_it()
+        return [0] * r if probe else lengths
 
     def _dense_q(self, block, b: int) -> torch.Tensor:
         """q as [B, K, V] float32 rows (top-k q scattered into zeros)."""
