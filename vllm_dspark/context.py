@@ -170,6 +170,8 @@ class ContextStore:
         with rows still deferred, once they are projected (the tokens are copied: callers pass views)."""
         if self.prefix_cache is None or req_id not in self.slots:
             return
+        if min(self.length(req_id), len(tokens)) // self.prefix_cache.block_size <= len(self._chains.get(req_id, ())):
+            return  # no block completed since the last offer
         if self._pending:
             self._to_publish[req_id] = np.array(tokens, copy=True)
             return
@@ -213,6 +215,8 @@ class ContextStore:
             self.lengths[slot] = min(self.lengths[slot], length)
 
     def free(self, req_id: str) -> None:
+        if req_id in self._to_publish:  # vLLM keeps its blocks cached after it ends: offer ours too
+            self.flush([req_id])
         slot = self.slots.pop(req_id, None)
         self._chains.pop(req_id, None)
         self._to_publish.pop(req_id, None)

@@ -394,9 +394,14 @@ class DraftPause:
             return False
         return True
 
-    def not_worth_it(self, step: int, batch: int) -> None:
+    def not_worth_it(self, step: int, batch: int, grow: bool = True) -> None:
+        """Pause from ``step``; ``grow=False`` keeps the next pause at ``base`` (a small batch: its probes are
+        cheap, and whether drafting pays turns on what the requests write, which changes fast)."""
+        if not grow:
+            self.interval = self.base
         self.until = step + self.interval
-        self.interval = min(2 * self.interval, self.cap)
+        if grow:
+            self.interval = min(2 * self.interval, self.cap)
         self.batch = batch
         self.probing = False
 

@@ -199,4 +199,22 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     assert not store.prefix_cache.blocks and not calls
     assert store.fill_from_prefix_cache("q", tokens[:16]) == 16  # flushes "p", then copies two blocks
     torch.testing.assert_close(store.gather(["q"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
+
+    # A request that ends with rows still deferred (max_tokens=1, an abort): vLLM keeps its prompt blocks
+    # cached, so ours are projected and offered when it is freed, not dropped.
+    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_blocks=16))
+    store.append([("p", 0, feats["a"][:20])], defer=True)
+    store.publish_blocks("p", tokens[:20])
+    calls.clear()
+    store.publish_blocks("p", tokens[:20])  # no block completed since: nothing copied again
+    assert list(store._to_publish) == ["p"] and not calls
+    store.free("p")
+    assert calls == [20] and len(store.prefix_cache.blocks) == 2
+    assert store.fill_from_prefix_cache("r", tokens[:16]) == 16
+    torch.testing.assert_close(store.gather(["r"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
+    store.append([("s", 0, feats["b"][:6])], defer=True)
+    store.publish_blocks("s", tokens[:6])  # no complete block: nothing to offer, nothing projected at free
+    calls.clear()
+    store.free("s")
+    assert not calls and not store._to_publish
     m.context_kv = orig

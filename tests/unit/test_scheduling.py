@@ -346,6 +346,10 @@ def test_draft_pause_backs_off_exponentially_and_resets():
     pause.worth_it()
     pause.not_worth_it(step, 32)
     assert [pause.active(step + i, 32) for i in range(5)] == [True] * 4 + [False]  # back to the base pause
+    for _ in range(3):  # small batches never grow the pause: whether drafting pays turns on the text
+        step += 4
+        pause.not_worth_it(step, 2, grow=False)
+        assert [pause.active(step + i, 2) for i in range(5)] == [True] * 4 + [False]
 
 
 def test_draft_pause_ends_when_the_batch_halves():
@@ -381,7 +385,7 @@ def _bare_proposer(k: int = 4):
     prop.calibration, prop.max_model_len, prop.num_spec_tokens, prop._g = None, 10_000, k, k
     prop.cost, prop.draft_cost = LinearCost(overhead_tokens=10.0), LinearCost(overhead_tokens=4.0)
     prop.cost.observe(16, 0.1)  # a 16-token step takes 0.1 s
-    prop._pause, prop.stats = DraftPause(32, 1024), ProposerStats()
+    prop._pause, prop.stats, prop.step_overhead = DraftPause(32, 1024), ProposerStats(), 0.0
     prop.stats.steps = 100
     return prop
 
@@ -403,3 +407,14 @@ def test_probe_stands_for_the_batch_and_verifies_nothing():
     assert (prop._pause.until, prop._pause.batch, prop._pause.interval) == (100 + 32, 16, 64)
     a, b = prop.draft_cost.coefficients()
     assert a + 4 * b == pytest.approx(5.0)  # drafting 4 requests took 5 s: the model learned it
+
+
+def test_engine_overhead_per_step_favours_drafting():
+    """One request, drafts of survival 0.5 and a drafter that costs half a forward: not worth it against the
+    forward alone, worth it once the engine's own time per step (which drafting does not add to) counts."""
+    half = torch.zeros(1, 4)  # sigmoid(0) = 0.5 per position
+    prop = _bare_proposer()
+    assert prop._plan(half, [10], 4, 0.05, batch=1) == [0]  # paused
+    prop = _bare_proposer()
+    prop.step_overhead = 0.2
+    assert prop._plan(half, [10], 4, 0.05, batch=1)[0] > 0

@@ -168,6 +168,11 @@ class DSparkProposer:
         self.draft_cost = LinearCost(overhead_tokens=4.0)
         self._pause = DraftPause(self.settings.probe_interval, self.settings.probe_interval_max)
         self._step_t0: float | None = None
+        # The engine's own time per step outside the runner (output processing, scheduling): a step costs it
+        # whatever it verifies, so it counts in steps/s like the forward's fixed part. EMA, seconds.
+        self.step_overhead = 0.0
+        self._step_end: float | None = None  # when our part of the previous step ended
+        self._last_forward = 0.0
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
 
     # ------------------------------------------------------------------ setup
@@ -203,7 +208,11 @@ class DSparkProposer:
 
     # ------------------------------------------------------------------ step hooks
     def on_finished(self, req_ids) -> None:
-        self._step_t0 = time.perf_counter()  # a step starts: its forward is timed until ingest
+        now = self._step_t0 = time.perf_counter()  # a step starts: its forward is timed until ingest
+        if self._step_end is not None:  # clamped: an idle engine between two generate() calls is not overhead
+            gap = min(now - self._step_end, self._last_forward)
+            self.step_overhead = gap if self.step_overhead == 0.0 else 0.9 * self.step_overhead + 0.1 * gap
+            self._step_end = None
         if self.store is None:
             return
         for r in req_ids:
@@ -230,7 +239,8 @@ class DSparkProposer:
     def _ingest(self, step: StepRows, sampled_token_ids: list[list[int]]) -> None:
         t0 = time.perf_counter()
         if self._step_t0 is not None:
-            self.cost.observe(int(step.query_start_loc[-1]), t0 - self._step_t0)
+            self._last_forward = t0 - self._step_t0
+            self.cost.observe(int(step.query_start_loc[-1]), self._last_forward)
             self._step_t0 = None
         feats = torch.cat(step.aux_hidden_states, dim=-1)  # [T, L*Ht]
         rows = []
@@ -261,6 +271,7 @@ class DSparkProposer:
                     self._gap_reqs.add(req_id)
         self._append(late, step, index)
         self.stats.ingest_seconds += time.perf_counter() - t0
+        self._step_end = time.perf_counter()
 
     def _append(self, rows, step: StepRows, index: dict[str, int]) -> None:
         try:
@@ -282,6 +293,12 @@ class DSparkProposer:
     # ------------------------------------------------------------------ drafting
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None, **_: Any) -> list[list[int]]:
+        try:
+            return self._propose(sampled_token_ids, num_tokens_no_spec)
+        finally:
+            self._step_end = time.perf_counter()
+
+    def _propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray) -> list[list[int]]:
         self._last_probs = None
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         if self.store is None:
@@ -387,13 +404,15 @@ class DSparkProposer:
         probe = batch > r
         if probe:
             survival, caps = np.resize(survival, (batch, survival.shape[1])), np.resize(caps, batch)
-        plan = plan_block_lengths(survival, self.cost, caps)
+        overhead = self.step_overhead
+        plan = plan_block_lengths(survival, lambda b: 1.0 / (self.cost.seconds(b) + overhead), caps)
         lengths = plan.lengths.tolist()
         # Draft no more positions next step than could be chosen now (+1 to grow back when load falls).
         self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 1))
-        with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + self.draft_cost.seconds(batch))
-        if with_drafts <= batch / self.cost.seconds(batch):
-            self._pause.not_worth_it(self.stats.steps, batch)
+        with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + overhead
+                                              + self.draft_cost.seconds(batch))
+        if with_drafts <= batch / (self.cost.seconds(batch) + overhead):
+            self._pause.not_worth_it(self.stats.steps, batch, grow=batch > self.PROBE_ROWS)
             return [0] * r
         self._pause.worth_it()
         return [0] * r if probe else lengths
