@@ -385,7 +385,7 @@ def _bare_proposer(k: int = 4):
     prop.calibration, prop.max_model_len, prop.num_spec_tokens, prop._g = None, 10_000, k, k
     prop.cost, prop.draft_cost = LinearCost(overhead_tokens=10.0), LinearCost(overhead_tokens=4.0)
     prop.cost.observe(16, 0.1)  # a 16-token step takes 0.1 s
-    prop._pause, prop.stats, prop.step_overhead = DraftPause(32, 1024), ProposerStats(), 0.0
+    prop._pause, prop.stats, prop.step_overhead, prop.net_ratio = DraftPause(32, 1024), ProposerStats(), 0.0, None
     prop.stats.steps = 100
     return prop
 
@@ -410,11 +410,28 @@ def test_probe_stands_for_the_batch_and_verifies_nothing():
 
 
 def test_engine_overhead_per_step_favours_drafting():
-    """One request, drafts of survival 0.5 and a drafter that costs half a forward: not worth it against the
-    forward alone, worth it once the engine's own time per step (which drafting does not add to) counts."""
+    """One request, drafts of survival 0.5 and a drafter that costs half a forward: drafting does not pay against
+    the forward alone (pause), it does once the engine's own time per step (which drafting does not add to)
+    counts. Either way this step's drafts are verified where that pays: they are already paid for."""
     half = torch.zeros(1, 4)  # sigmoid(0) = 0.5 per position
     prop = _bare_proposer()
-    assert prop._plan(half, [10], 4, 0.05, batch=1) == [0]  # paused
+    lengths = prop._plan(half, [10], 4, 0.05, batch=1)
+    assert lengths[0] > 0 and prop._pause.until == 100 + 32 and prop.net_ratio < 1
     prop = _bare_proposer()
     prop.step_overhead = 0.2
-    assert prop._plan(half, [10], 4, 0.05, batch=1)[0] > 0
+    assert prop._plan(half, [10], 4, 0.05, batch=1)[0] >= lengths[0]  # a longer step: longer blocks pay
+    assert prop._pause.until == 0 and prop.net_ratio > 1
+
+
+def test_one_unlucky_block_does_not_pause_drafting():
+    prop = _bare_proposer()
+    prop.step_overhead = 0.2
+    confident, hopeless = torch.full((1, 4), 6.0), torch.full((1, 4), -8.0)
+    for _ in range(20):
+        prop._plan(confident, [10], 4, 0.05, batch=1)
+    high = prop.net_ratio
+    assert prop._plan(hopeless, [10], 4, 0.05, batch=1) == [0]  # nothing worth verifying this step ...
+    assert prop._pause.until == 0 and 1 < prop.net_ratio < high  # ... but drafting goes on
+    for _ in range(100):
+        prop._plan(hopeless, [10], 4, 0.05, batch=1)
+    assert prop._pause.until > 0  # a run of them pauses it

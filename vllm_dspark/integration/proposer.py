@@ -166,6 +166,7 @@ class DSparkProposer:
         # sample of the batch. Drafter seconds vs requests drafted, a fixed part + a part per request (~4:1
         # measured for SmolLM2's drafter on this CPU), learned online like the target's cost.
         self.draft_cost = LinearCost(overhead_tokens=4.0)
+        self.net_ratio: float | None = None  # running tokens/s with drafting (drafter included) / without
         self._pause = DraftPause(self.settings.probe_interval, self.settings.probe_interval_max)
         self._step_t0: float | None = None
         # The engine's own time per step outside the runner (output processing, scheduling): a step costs it
@@ -386,13 +387,15 @@ class DSparkProposer:
                            "(output is unaffected). Later faults are only counted.", where, exc_info=True)
 
     PROBE_ROWS = 4  # requests drafted by a probe after a pause
+    NET_RATIO_ALPHA = 0.05  # weight of one drafting step in the running average of its payoff
 
     def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int, draft_seconds: float,
               batch: int) -> list[int]:
-        """Per-request draft lengths maximising expected tokens x steps/s (paper Alg. 1, early stop), then
-        the whole plan against not speculating at all, the drafter's own time included. ``batch`` > rows
-        drafted: a probe, whose rows stand for the whole batch (tiled); it decides whether to draft again
-        and verifies nothing itself."""
+        """Per-request draft lengths maximising expected tokens x steps/s (paper Alg. 1, early stop; this
+        step's drafting is paid for already), then whether to keep drafting: the plan's tokens/s with the
+        drafter's time included against not speculating, as a running average over drafting steps (one
+        unlucky block must not stop drafting). ``batch`` > rows drafted: a probe, whose rows stand for the
+        whole batch (tiled); it decides whether to draft again and verifies nothing itself."""
         z = confidence_logit.float().cpu().numpy()
         if self.calibration is not None:
             survival = apply_temperature(z, self.calibration[: z.shape[1]])
@@ -411,10 +414,13 @@ class DSparkProposer:
         self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 1))
         with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + overhead
                                               + self.draft_cost.seconds(batch))
-        if with_drafts <= batch / (self.cost.seconds(batch) + overhead):
+        ratio = with_drafts * (self.cost.seconds(batch) + overhead) / batch  # vs not speculating
+        fresh = probe or self._pause.probing or self.net_ratio is None
+        self.net_ratio = ratio if fresh else (1 - self.NET_RATIO_ALPHA) * self.net_ratio + self.NET_RATIO_ALPHA * ratio
+        if self.net_ratio <= 1.0:
             self._pause.not_worth_it(self.stats.steps, batch, grow=batch > self.PROBE_ROWS)
-            return [0] * r
-        self._pause.worth_it()
+        else:
+            self._pause.worth_it()
         return [0] * r if probe else lengths
 
     def _dense_q(self, block, b: int) -> torch.Tensor:
