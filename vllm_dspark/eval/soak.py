@@ -191,6 +191,8 @@ def server_command(args: argparse.Namespace, port: int, drafter: str | None) -> 
             cmd += ["-k", str(args.k)]
         if args.num_gpu_blocks:
             cmd += ["--num-gpu-blocks-override", str(args.num_gpu_blocks)]
+        if args.prefix_cache_mb is not None:
+            cmd += ["--additional-config", json.dumps({"dspark": {"prefix_cache_mb": args.prefix_cache_mb}})]
     return cmd
 
 
@@ -493,6 +495,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-gpu-blocks", type=int, help="KV blocks of the DSpark server (small: forces preemption)")
     ap.add_argument("--block-size", type=int, help="KV block size of both servers (vLLM's default when unset)")
     ap.add_argument("-k", type=int, help="speculative tokens (default: the drafter's trained block)")
+    ap.add_argument("--prefix-cache-mb", type=int, default=None,
+                    help="the DSpark server's drafter prefix cache (default 256 MB; it fills as distinct prompts "
+                         "arrive, so a smaller one shows the RSS plateau in a shorter run)")
     ap.add_argument("--dtype", default="float32", help="target dtype of both servers")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
