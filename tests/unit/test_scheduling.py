@@ -355,6 +355,7 @@ def test_draft_pause_backs_off_exponentially_and_resets():
 def test_draft_pause_ends_when_the_batch_halves():
     pause = DraftPause(base=8, cap=64)
     pause.not_worth_it(0, 32)
+    assert pause.paused(7) and not pause.paused(8) and not pause.probing  # paused() has no side effects
     pause.not_worth_it(8, 32)  # the second pause: 16 steps
     assert pause.active(9, 17)  # still more than half the batch
     assert not pause.active(10, 16)  # load fell: probe at once ...
@@ -435,3 +436,16 @@ def test_one_unlucky_block_does_not_pause_drafting():
     for _ in range(100):
         prop._plan(hopeless, [10], 4, 0.05, batch=1)
     assert prop._pause.until > 0  # a run of them pauses it
+
+
+def test_a_big_batch_weighs_its_verdict_by_its_size():
+    """Under load one step averages over many requests, and drafting at a loss is costly: two losing steps of a
+    16-request batch pause drafting (a single request needs a long run of them, above)."""
+    prop = _bare_proposer()
+    prop.step_overhead = 0.2
+    for _ in range(5):
+        prop._plan(torch.full((16, 4), 6.0), [10] * 16, 4, 0.05, batch=16)
+    assert prop._pause.until == 0 and prop.net_ratio > 2
+    for _ in range(2):
+        prop._plan(torch.full((16, 4), -8.0), [10] * 16, 4, 0.05, batch=16)
+    assert prop._pause.until > 0
