@@ -51,9 +51,9 @@ class DSparkSettings:
     # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
     # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
     mode: str = "adaptive"
-    # Adaptive mode: steps to skip drafting after a plan found speculation not worth its cost; doubled after
-    # each further such plan, up to probe_interval_max (a probe drafts for the whole batch, which under load
-    # costs more than a step), and back to probe_interval when a plan drafts again or the batch halves.
+    # Adaptive mode: steps to skip drafting after drafting was found not worth its cost; under load (batches
+    # above 4 requests) doubled after each further such verdict, up to probe_interval_max, and back to
+    # probe_interval when drafting pays again or the batch halves. See scheduling.DraftPause.
     probe_interval: int = 32
     probe_interval_max: int = 1024
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
