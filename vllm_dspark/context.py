@@ -118,7 +118,8 @@ class ContextStore:
         if defer:
             for req_id, start, f in rows:
                 self.lengths[self._slot_for(req_id)] = start + f.shape[0]
-                self._pending.append((req_id, start, f))
+                # a copy: a view would keep the whole step's feature tensor alive while the rows wait
+                self._pending.append((req_id, start, f.clone()))
                 self._pending_rows += f.shape[0]
             if self._pending_rows > self.MAX_PENDING_ROWS:
                 self.flush()
@@ -138,7 +139,7 @@ class ContextStore:
         else:
             wanted = set(req_ids)
             take = [r for r in self._pending if r[0] in wanted]
-            keep = [r for r in self._pending if r[0] not in wanted]
+            keep = [r for r in self._pending if r[0] not in wanted and r[0] in self.slots]  # freed: dropped
         rows = [r for r in take if r[0] in self.slots]  # freed requests' rows are dropped
         self._pending, self._pending_rows = keep, sum(f.shape[0] for _, _, f in keep)
         if rows:

@@ -181,6 +181,11 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     calls.clear()
     later.gather(["a"])
     assert calls == [24 + 2]  # only the gathered request's rows (2 re-sent); b's stay deferred
+    assert {r for r, _, _ in later._pending} == {"b"}  # the freed request's rows are gone too
+    step = feats["b"][:4]  # a view of a bigger tensor, as the runner's per-step features are
+    other = ContextStore(m)
+    other.append([("x", 0, step)], defer=True)  # a deferred copy: the step's whole tensor is not kept alive
+    assert other._pending[0][2].untyped_storage().data_ptr() != step.untyped_storage().data_ptr()
     a, b = now.gather(["a", "b"]), later.gather(["a", "b"])
     assert calls == [24 + 2, 24 + 2]  # now b's, in one projection
     torch.testing.assert_close(a.k, b.k, atol=1e-12, rtol=0)
