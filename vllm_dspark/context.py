@@ -215,10 +215,10 @@ class ContextStore:
         if slot is not None:
             self.lengths[slot] = min(self.lengths[slot], length)
 
-    def free(self, req_id: str, publish: bool = True) -> None:
-        """Forget a request. ``publish``: project and offer its still-deferred complete blocks first (vLLM keeps
-        its blocks cached after it ends, and a later request may hit them); else drop them."""
-        if publish and req_id in self._to_publish:
+    def free(self, req_id: str) -> None:
+        """Forget a request, after projecting and offering its still-deferred complete blocks (vLLM keeps its
+        blocks cached after it ends, and a later request may hit them)."""
+        if req_id in self._to_publish:
             self.flush([req_id])
         slot = self.slots.pop(req_id, None)
         self._chains.pop(req_id, None)

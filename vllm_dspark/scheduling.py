@@ -384,10 +384,6 @@ class DraftPause:
         self.batch = 0  # requests in the batch whose plan began the pause
         self.probing = False
 
-    def paused(self, step: int) -> bool:
-        """Whether a pause covers ``step`` (no side effects, unlike :meth:`active`)."""
-        return step < self.until
-
     def active(self, step: int, batch: int) -> bool:
         """Whether step ``step`` with ``batch`` requests should skip drafting."""
         if step >= self.until:

@@ -222,8 +222,4 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     calls.clear()
     store.free("s")
     assert not calls and not store._to_publish
-    store.append([("t", 0, feats["a"][:20])], defer=True)
-    store.publish_blocks("t", tokens[:20] + 1000)
-    store.free("t", publish=False)  # drafting paused under load: dropped, never projected
-    assert not calls and not store._to_publish and len(store.prefix_cache.blocks) == 2
     m.context_kv = orig

@@ -355,7 +355,6 @@ def test_draft_pause_backs_off_exponentially_and_resets():
 def test_draft_pause_ends_when_the_batch_halves():
     pause = DraftPause(base=8, cap=64)
     pause.not_worth_it(0, 32)
-    assert pause.paused(7) and not pause.paused(8) and not pause.probing  # paused() has no side effects
     pause.not_worth_it(8, 32)  # the second pause: 16 steps
     assert pause.active(9, 17)  # still more than half the batch
     assert not pause.active(10, 16)  # load fell: probe at once ...

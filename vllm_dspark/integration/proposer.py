@@ -216,11 +216,8 @@ class DSparkProposer:
             self._step_end = None
         if self.store is None:
             return
-        # While drafting is paused under load, a finished request's deferred rows are dropped, not projected
-        # for the prefix cache (that projection cost ~3% at c=16); a later prefix hit on them then drafts not.
-        publish = not (self.adaptive and self._pause.paused(self.stats.steps))
         for r in req_ids:
-            self.store.free(r, publish=publish)
+            self.store.free(r)
             self._gap_reqs.discard(r)
             self._confidence.pop(r, None)
         if req_ids:
