@@ -54,7 +54,6 @@ def test_soak_short(tiny_llama_dir, drafter, tmp_path):
     report = _soak(tiny_llama_dir, drafter, tmp_path / "soak", requests=80, concurrency=4,
                    extra=["--max-tokens", "16", "--prefix-cache-mb", "16"])
     _check(report, 80)
-    assert report["server"]["skipped_no_context"] == 0  # prefix hits always find the drafter's blocks
 
 
 @pytest.mark.slow
