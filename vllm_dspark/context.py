@@ -171,7 +171,8 @@ class ContextStore:
         with rows still deferred, once they are projected (the tokens are copied: callers pass views)."""
         if self.prefix_cache is None or req_id not in self.slots:
             return
-        if min(self.length(req_id), len(tokens)) // self.prefix_cache.block_size <= len(self._chains.get(req_id, ())):
+        complete = min(self.length(req_id), len(tokens)) // self.prefix_cache.block_size
+        if complete <= len(self._chains.get(req_id, ())):
             return  # no block completed since the last offer
         if self._pending:
             self._to_publish[req_id] = np.array(tokens, copy=True)

@@ -368,9 +368,9 @@ def choose_block_lengths(
 class DraftPause:
     """When a plan finds drafting not worth its cost (drafter time included), stop drafting for a while.
 
-    The pause doubles after each further such plan, from ``base`` up to ``cap`` steps: a probe drafts for the
-    whole batch, which under load costs more than a target step, so probing at a fixed interval would cost a
-    fixed share of throughput. A plan that drafts resets it; so does the batch falling to half the size it had
+    The pause doubles after each further such verdict, from ``base`` up to ``cap`` steps: every probe drafts,
+    which under load costs more than it can save, so probing at a fixed interval would cost a fixed share of
+    throughput. A verdict for drafting resets it; so does the batch falling to half the size it had
     when the pause began (load fell: probe at once). ``probing`` is true from the first step after a pause
     until the next verdict: the caller may probe with a sample of the batch.
     """

@@ -26,7 +26,8 @@ import torch
 from ..checkpoint import load_drafter, read_weights, validate_weights
 from ..config import DSparkConfig, DSparkConfigError
 from ..context import ContextGapError, ContextStore, PrefixCache
-from ..scheduling import CALIBRATION_FILE, DraftPause, LinearCost, apply_temperature, load_calibration, plan_block_lengths
+from ..scheduling import (CALIBRATION_FILE, DraftPause, LinearCost, apply_temperature, load_calibration,
+                          plan_block_lengths)
 from ..drafting import draft_block
 from . import compat, metrics
 from .compat import StepRows
