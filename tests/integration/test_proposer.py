@@ -147,6 +147,41 @@ def test_preemption_keeps_output_identical(vllm_env, drafters):
     _close(llm)
 
 
+def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypatch):
+    """Drafting paused for good: vLLM's rejection sampler never runs (the compat ``_sample`` bypass), and
+    greedy and seeded sampled outputs equal those of an engine without speculation."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    from vllm_dspark.scheduling import DraftPause
+
+    target, drafter_dir = drafters["llama"]
+    prompts = _prompts(6)
+    params = [SamplingParams(max_tokens=16, temperature=0.0 if i % 2 else 0.9, seed=i) for i in range(6)]
+    base = _llm(target, enable_prefix_caching=False).generate(prompts, params, use_tqdm=False)
+    gc.collect()
+    calls = {"n": 0}
+    real = RejectionSampler.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RejectionSampler, "forward", counted)
+    monkeypatch.setattr(DraftPause, "active", lambda self, step, batch: True)
+    llm = _llm(target, drafter_dir, enable_prefix_caching=False)
+    spec = llm.generate(prompts, params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
+    assert _proposer(llm).stats.drafted_requests == 0
+    assert calls["n"] == 0
+    monkeypatch.setattr(DraftPause, "active", lambda self, step, batch: False)
+    _proposer(llm).adaptive = False  # fixed K: every decode step verifies drafts, through the rejection sampler
+    again = llm.generate(prompts[1:2], params[1:2], use_tqdm=False)  # greedy
+    assert calls["n"] > 0 and _proposer(llm).stats.num_rounds > 0
+    assert list(again[0].outputs[0].token_ids) == list(base[1].outputs[0].token_ids)
+    _close(llm)
+
+
 def _startup_error(target, drafter, k=3, extra=None) -> str:
     with pytest.raises(Exception) as info:
         _llm(target, drafter, k=k, extra=extra)

@@ -3,7 +3,7 @@
 vLLM's ``custom_class`` proposer door hands a proposer token ids only. DSpark also needs, every step, the
 target's hidden states at the drafter's layers for the rows that were just verified, the request ids of the
 batch, the requests that finished, and a way to hand its draft distributions q to the rejection sampler.
-We get them by wrapping (never copying) four ``GPUModelRunner`` methods; ``CPUModelRunner`` inherits them.
+We get them by wrapping (never copying) five ``GPUModelRunner`` methods; ``CPUModelRunner`` inherits them.
 Every wrapper calls the upstream method unchanged and only acts when the runner's drafter is a
 :class:`~vllm_dspark.integration.proposer.DSparkProposer`, so other runners in the process are untouched.
 
@@ -19,6 +19,9 @@ Every wrapper calls the upstream method unchanged and only acts when the runner'
   upstream calls our ``propose``, and afterwards stores our q in the runner's ``_draft_probs`` /
   ``_draft_prob_req_ids`` (the slot upstream fills for EAGLE-style drafters), which upstream passes to its
   rejection sampler: speculative sampling at T > 0 then sees the exact q instead of one-hot drafts.
+- ``_sample``: a step where no request verifies drafts uses the plain sampler (what upstream's rejection
+  sampler computes then, at less cost), so steps the adaptive policy leaves undrafted cost what they cost
+  without speculation.
 """
 from __future__ import annotations
 
@@ -95,6 +98,7 @@ def install() -> None:
     _wrap(GPUModelRunner, "_update_states", _wrap_update_states)
     _wrap(GPUModelRunner, "sample_tokens", _wrap_sample_tokens)
     _wrap(GPUModelRunner, "propose_draft_token_ids", _wrap_propose)
+    _wrap(GPUModelRunner, "_sample", _wrap_sample)
     _fix_cpu_temperature_expansion()
     _INSTALLED = True
 
@@ -189,6 +193,22 @@ def _wrap_sample_tokens(original):
                 drafter.ingest(pending, [list(s) for s in sampled])
         return output
     return sample_tokens
+
+
+def _wrap_sample(original):
+    """A step in which no request verifies drafts (the adaptive policy paused drafting, prefills) samples
+    with the plain sampler, as a runner without speculation does. Upstream would run its rejection sampler
+    for the bonus tokens alone: the same tokens (the bonus tokens are drawn by this same sampler with the
+    same generators; no random numbers are drawn for requests without drafts) at ~0.5 ms more per step on
+    CPU, a cost that speculation-enabled engines would otherwise pay even when drafting does not pay.
+    Logprob requests and async scheduling keep upstream's path."""
+    def _sample(self, logits, spec_decode_metadata):
+        if (spec_decode_metadata is not None and spec_decode_metadata.max_spec_len == 0 and _is_ours(self)
+                and not self.use_async_scheduling
+                and self.input_batch.sampling_metadata.max_num_logprobs is None):
+            return self.sampler(logits=logits, sampling_metadata=self.input_batch.sampling_metadata)
+        return original(self, logits, spec_decode_metadata)
+    return _sample
 
 
 def _wrap_propose(original):

@@ -389,6 +389,10 @@ class DSparkProposer:
 
     PROBE_ROWS = 4  # requests drafted by a probe after a pause
     NET_RATIO_ALPHA = 0.05  # weight of one request's drafting step in the running average of its payoff
+    # Keep drafting only while it is predicted to pay at least this much (tokens/s with drafting / without):
+    # near break-even the gain is within the cost model's error, and drafting also costs what the model does
+    # not see (its Python bookkeeping, upstream's rejection sampler instead of the plain sampler).
+    MIN_NET_RATIO = 1.0
 
     def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int, draft_seconds: float,
               batch: int) -> list[int]:
@@ -421,7 +425,7 @@ class DSparkProposer:
         # drafting it at a loss is costly), a single request's by 1/20.
         alpha = min(1.0, self.NET_RATIO_ALPHA * batch)
         self.net_ratio = ratio if fresh else (1 - alpha) * self.net_ratio + alpha * ratio
-        if self.net_ratio <= 1.0:
+        if self.net_ratio <= self.MIN_NET_RATIO:
             self._pause.not_worth_it(self.stats.steps, batch, grow=batch > self.PROBE_ROWS)
         else:
             self._pause.worth_it()
