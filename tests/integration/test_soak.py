@@ -54,6 +54,7 @@ def test_soak_short(tiny_llama_dir, drafter, tmp_path):
     report = _soak(tiny_llama_dir, drafter, tmp_path / "soak", requests=80, concurrency=4,
                    extra=["--max-tokens", "16", "--prefix-cache-mb", "16"])
     _check(report, 80)
+    assert report["onednn_primitive_cache_capacity"] == "64"  # the soak's default, set in both servers
 
 
 @pytest.mark.slow

@@ -17,7 +17,12 @@ What it does:
 * Errors: any HTTP error status or exception, except the aborts we cause on purpose.
 * Memory: RSS of each server's process tree (API server, engine core) sampled every second; ``rss_growth_mb``
   is the DSpark server's growth over the second half of the run (the reference server's growth is reported
-  next to it, to tell vLLM's own drift from ours).
+  next to it, to tell vLLM's own drift from ours). One bounded cache is shrunk for the run, in both servers:
+  oneDNN's global primitive cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``, default 1024), which vLLM's CPU
+  matmuls fill with one primitive per (weight shape, number of rows) seen, ~0.36 MB each for SmolLM2: RSS
+  climbs ~370 MB until it is full, and faster with speculation (verified blocks make more distinct row
+  counts). At ``--onednn-cache-capacity 64`` (0: oneDNN's default) it fills within minutes, so growth
+  after that is ours or vLLM's, not a cache warming up.
 * Leaked per-request drafter state: after the run, a final batch, then a few sequential requests, then
   ``vllm_dspark:active_requests`` from ``/metrics`` (should be 0); ``null`` when the server does not export it.
 
@@ -498,6 +503,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefix-cache-mb", type=int, default=None,
                     help="the DSpark server's drafter prefix cache (default 256 MB; it fills as distinct prompts "
                          "arrive, so a smaller one shows the RSS plateau in a shorter run)")
+    ap.add_argument("--onednn-cache-capacity", type=int, default=64,
+                    help="ONEDNN_PRIMITIVE_CACHE_CAPACITY of both servers (a bounded cache that otherwise fills "
+                         "for ~1 h and looks like growth; 0: oneDNN's default, 1024)")
     ap.add_argument("--dtype", default="float32", help="target dtype of both servers")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -510,6 +518,9 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.requests < 1 or args.concurrency < 1:
         raise SystemExit("--requests and --concurrency must be positive")
+    if args.onednn_cache_capacity < 0:
+        raise SystemExit(f"--onednn-cache-capacity {args.onednn_cache_capacity}: expected >= 0 "
+                         "(0: oneDNN's default)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
@@ -522,6 +533,8 @@ def main(argv: list[str]) -> int:
              for i in range(args.concurrency + 3)]
 
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=f"{args.kv_cache_gib:g}")
+    if args.onednn_cache_capacity:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_cache_capacity)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # real servers: vLLM's default engine-core process
     servers: list[Server] = []
     sampler = None
@@ -570,6 +583,7 @@ def main(argv: list[str]) -> int:
             "rss_start_mb": round(rss[0] / 2**20, 1) if rss else None,
             "rss_end_mb": round(rss[-1] / 2**20, 1) if rss else None,
             "rss_peak_mb": round(max(rss) / 2**20, 1) if rss else None,
+            "onednn_primitive_cache_capacity": env.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default (1024)"),
             "duration_s": round(t1 - t0, 2),
             "startup_s": round(startup_s, 1),
             "generated_tokens": sum(r.tokens for r in results),

@@ -153,7 +153,8 @@ class DSparkProposer:
         self._budget = self.num_spec_tokens
         self._last_probs: tuple[torch.Tensor, list[str]] | None = None
         self._round = 0
-        self._gap_reqs: set[str] = set()
+        self._gap_reqs: dict[str, str] = {}  # requests that never draft again -> why (logged once)
+        self._gap_logged: set[str] = set()  # at most GAP_LOG_REQUESTS ids
         self.records: list[dict] = []
         self.adaptive = self.settings.mode == "adaptive" and self.cfg.enable_confidence_head
         self.cost = LinearCost()  # target step time vs verified tokens, learned online from real steps
@@ -219,7 +220,7 @@ class DSparkProposer:
             return
         for r in req_ids:
             self.store.free(r)
-            self._gap_reqs.discard(r)
+            self._gap_reqs.pop(r, None)
             self._confidence.pop(r, None)
         if req_ids:
             metrics.publish(self, force=not self.store.slots)  # an idle engine reports 0 active at once
@@ -235,7 +236,7 @@ class DSparkProposer:
         try:
             self._ingest(step, sampled_token_ids)
         except Exception:  # noqa: BLE001 - contexts of this step's requests may now have holes: stop drafting them
-            self._gap_reqs.update(step.req_ids)
+            self._gap_reqs.update(dict.fromkeys(step.req_ids, "its context update failed"))
             self._fault("context update")
 
     def _ingest(self, step: StepRows, sampled_token_ids: list[list[int]]) -> None:
@@ -270,7 +271,8 @@ class DSparkProposer:
                 if self.store.fill_from_prefix_cache(req_id, step.token_ids[index[req_id], :pos]) >= pos:
                     late.append((req_id, pos, f))
                 else:
-                    self._gap_reqs.add(req_id)
+                    self._gap_reqs[req_id] = (f"vLLM's prefix cache served its first {pos} tokens and the drafter's "
+                                              "prefix cache does not hold them all")
         self._append(late, step, index)
         self.stats.ingest_seconds += time.perf_counter() - t0
         self._step_end = time.perf_counter()
@@ -317,7 +319,7 @@ class DSparkProposer:
             req_id = self._batch_req_ids[i]
             n = int(num_tokens_no_spec[i])  # tokens so far, the new anchor included
             if req_id in self._gap_reqs or self.store.length(req_id) != n - 1:
-                self.stats.skipped_gap += 1
+                self._skip(req_id, n - 1)
                 continue
             if n + k > self.max_model_len or k == 0:
                 continue
@@ -378,6 +380,19 @@ class DSparkProposer:
         self.stats.draft_seconds += time.perf_counter() - t0
         metrics.publish(self)
         return out
+
+    GAP_LOG_REQUESTS = 3  # requests whose missing context is logged (then only counted)
+
+    def _skip(self, req_id: str, want: int) -> None:
+        """A request without a complete drafter context does not draft this step (output is unaffected);
+        counted (``vllm_dspark:skipped_no_context_total``), and the first few requests are logged with why."""
+        self.stats.skipped_gap += 1
+        if req_id in self._gap_logged or len(self._gap_logged) >= self.GAP_LOG_REQUESTS:
+            return
+        self._gap_logged.add(req_id)
+        why = self._gap_reqs.get(req_id) or "rows of an earlier step were not delivered"
+        logger.info("vllm-dspark: request %s does not draft: its drafter context has %d rows, %d expected (%s)",
+                    req_id, self.store.length(req_id), want, why)
 
     def _fault(self, where: str) -> None:
         """Fall back to no speculation for this step: one warning with the traceback, then a counter
