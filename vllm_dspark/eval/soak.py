@@ -388,17 +388,48 @@ class _Aborted(Exception):
 def _describe(e: BaseException) -> str:
     status = getattr(e, "status_code", None)
     head = f"HTTP {status}" if status is not None else type(e).__name__
-    return f"{head}: {str(e)[:300]}"
+    cause = e.__cause__ or e.__context__
+    why = f" ({type(cause).__name__}: {str(cause)[:200]})" if cause is not None and not status else ""
+    return f"{head}: {str(e)[:300]}{why}"
+
+
+class _ServerFailed(Exception):
+    """A request to one of the two servers failed; ``server`` names it."""
+
+    def __init__(self, server: str, error: BaseException):
+        super().__init__(f"{server} server: {_describe(error)}")
+        self.server = server
+
+
+async def _send(client, server: str, job: Job, retries: dict[str, int]) -> tuple[list[str], list[list[int] | None]]:
+    """run_job, once more if no connection could be made or the server closed an idle pooled connection
+    before answering (any HTTP client retries that; counted in ``retries``); other errors name the server."""
+    import openai
+
+    for attempt in range(2):
+        try:
+            return await run_job(client, job)
+        except _Aborted:
+            raise
+        except openai.APIConnectionError as e:
+            if attempt == 0 and not isinstance(e, openai.APITimeoutError):
+                retries[server] = retries.get(server, 0) + 1
+                continue
+            raise _ServerFailed(server, e) from e
+        except Exception as e:  # noqa: BLE001 - reported with the server's name
+            raise _ServerFailed(server, e) from e
+    raise AssertionError("unreachable")
 
 
 async def run_traffic(jobs: list[Job], dspark_url: str, base_url: str, concurrency: int, timeout: float,
-                      progress: bool) -> list[Result]:
+                      progress: bool, retries: dict[str, int] | None = None) -> list[Result]:
     import openai
     from tqdm import tqdm
 
     spec = openai.AsyncOpenAI(base_url=dspark_url + "/v1", api_key="unused", timeout=timeout, max_retries=0)
     base = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", timeout=timeout, max_retries=0)
     gate = asyncio.Semaphore(concurrency)
+    retries = {} if retries is None else retries
     bar = tqdm(total=len(jobs), desc="soak", unit="req", disable=not progress, dynamic_ncols=True)
 
     async def one(job: Job) -> Result:
@@ -407,19 +438,22 @@ async def run_traffic(jobs: list[Job], dspark_url: str, base_url: str, concurren
             t0 = time.perf_counter()
             try:
                 if job.compared:
-                    (got_t, got_i), (want_t, want_i) = await asyncio.gather(run_job(spec, job), run_job(base, job))
+                    (got_t, got_i), (want_t, want_i) = await asyncio.gather(
+                        _send(spec, "dspark", job, retries), _send(base, "reference", job, retries))
                     same_ids = got_i[0] is None or want_i[0] is None or got_i[0] == want_i[0]
                     if not (same_ids and got_t[0] == want_t[0]):
                         res.mismatch = {"index": job.index, "kind": job.kind, "dspark_ids": got_i[0],
                                         "reference_ids": want_i[0], "dspark_text": got_t[0][:200],
                                         "reference_text": want_t[0][:200]}
                 else:
-                    got_t, got_i = await run_job(spec, job)
+                    got_t, got_i = await _send(spec, "dspark", job, retries)
                 res.tokens = sum(len(i or []) for i in got_i)
                 res.ok = True
             except _Aborted:
                 res.aborted = True
-            except Exception as e:  # noqa: BLE001 - every failure is a finding: count it and go on
+            except _ServerFailed as e:  # every failure is a finding: count it and go on
+                res.error = str(e)
+            except Exception as e:  # noqa: BLE001
                 res.error = _describe(e)
             res.latency_s = time.perf_counter() - t0
         bar.update(1)
@@ -464,6 +498,7 @@ def format_table(report: dict) -> str:
         f"RSS DSpark server {fmt(report['rss_start_mb'])} -> {fmt(report['rss_end_mb'])} MB (peak "
         f"{fmt(report['rss_peak_mb'])}), growth over 2nd half {fmt(report['rss_growth_mb'])} MB; reference server "
         f"growth {fmt(report['reference_rss_growth_mb'])} MB",
+        f"connection retries {report.get('connection_retries') or 0}  "
         f"leaked drafter states {fmt(report['leaked_states'])}  preemptions {fmt(report['server']['preemptions'])}"
         f"  drafts {fmt(report['server']['spec_decode_num_drafts'])}  acceptance "
         f"{fmt(report['server']['acceptance_rate'])}  drafter faults {fmt(report['server']['drafter_faults'])}",
@@ -553,13 +588,14 @@ def main(argv: list[str]) -> int:
         sampler = RssSampler({"dspark": dspark.proc.pid, "reference": base.proc.pid})
         sampler.start()
         t0 = time.monotonic()
+        retries: dict[str, int] = {}
         results = asyncio.run(run_traffic(jobs, dspark.url, base.url, args.concurrency, args.timeout,
-                                          not args.no_progress))
+                                          not args.no_progress, retries))
         t1 = time.monotonic()
         drain_results = asyncio.run(run_traffic(drain[: args.concurrency], dspark.url, base.url, args.concurrency,
-                                                args.timeout, False))
+                                                args.timeout, False, retries))
         drain_results += asyncio.run(run_traffic(drain[args.concurrency:], dspark.url, base.url, 1, args.timeout,
-                                                 False))
+                                                 False, retries))
         time.sleep(2.0)  # the proposer publishes its snapshot at most every 0.5 s
         metrics = dspark.metrics()
         sampler.stop()
@@ -574,6 +610,7 @@ def main(argv: list[str]) -> int:
             "greedy_mismatches": sum(r.mismatch is not None for r in all_results),
             "greedy_compared": sum(t.compared for t in tallies.values()),
             "aborted": sum(r.aborted for r in results),
+            "connection_retries": retries,  # per server: requests re-sent once after a connection error
             "leaked_states": None if active is None else int(active),
             "leaked_states_note": (
                 "vllm_dspark:active_requests after the run and a drain batch (0 = no leak)" if active is not None
