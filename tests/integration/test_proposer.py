@@ -134,6 +134,24 @@ def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
     _close(llm)
 
 
+def test_parallel_sampling_children_draft_from_the_shared_prompt(vllm_env, drafters):
+    """n > 1: vLLM schedules the children together and serves each one's prompt from the prefix cache, in part
+    from blocks another child computes in that very step; every child must still get a complete context."""
+    from vllm import SamplingParams
+
+    target, drafter_dir = drafters["llama"]
+    llm = _llm(target, drafter_dir, enable_prefix_caching=True, extra={"mode": "fixed"})
+    _generate(llm, [SHARED + "and the first"], max_tokens=4)  # the shared first block is cached now
+    prompt = SHARED + "and then " * 20  # ~3 blocks: the first cached, the rest computed this step
+    out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.8, seed=3, n=3), use_tqdm=False)
+    assert len(out[0].outputs) == 3
+    prop = _proposer(llm)
+    assert prop.stats.skipped_gap == 0 and not prop._gap_reqs
+    drafted = {r["req_id"].split("_", 1)[0] for r in prop.records if "_" in r["req_id"]}
+    assert drafted == {"0", "1", "2"}, drafted  # every child drafted
+    _close(llm)
+
+
 def test_preemption_keeps_output_identical(vllm_env, drafters):
     target, drafter_dir = drafters["llama"]
     prompts = _prompts(12)

@@ -55,6 +55,8 @@ def test_soak_short(tiny_llama_dir, drafter, tmp_path):
                    extra=["--max-tokens", "16", "--prefix-cache-mb", "16"])
     _check(report, 80)
     assert report["onednn_primitive_cache_capacity"] == "64"  # the soak's default, set in both servers
+    # Prefix-cache hits (n > 1 children, repeated prompts) and preemption leave no request without context.
+    assert report["server"]["skipped_no_context"] == 0
 
 
 @pytest.mark.slow

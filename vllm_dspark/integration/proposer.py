@@ -262,18 +262,25 @@ class DSparkProposer:
         rows = [r for r in rows if r[0] not in self._gap_reqs]
         ready = [r for r in rows if r[1] <= self.store.length(r[0])]
         self._append(ready, step, index)
-        # A start beyond the context means vLLM's prefix cache served the first `pos` tokens (possibly from
-        # a request earlier in this very batch, hence after the append above): take those rows from our own
-        # prefix cache; if a hole would remain, never draft for that request.
-        late = []
-        for req_id, pos, f in rows:
-            if pos > self.store.length(req_id):
+        # A start beyond the context means vLLM's prefix cache served the first `pos` tokens, possibly from
+        # blocks another request computes in this very step (the children of an n > 1 request, each served
+        # part of the prompt): take those rows from our own prefix cache, appending each request's new rows
+        # at once so that the blocks they complete serve the next one; shortest cached prefix first, and
+        # again while that makes progress. If a hole remains, never draft for that request.
+        late = sorted((r for r in rows if r[1] > self.store.length(r[0])), key=lambda r: r[1])
+        progress = True
+        while late and progress:
+            progress, waiting = False, []
+            for req_id, pos, f in late:
                 if self.store.fill_from_prefix_cache(req_id, step.token_ids[index[req_id], :pos]) >= pos:
-                    late.append((req_id, pos, f))
+                    self._append([(req_id, pos, f)], step, index)
+                    progress = True
                 else:
-                    self._gap_reqs[req_id] = (f"vLLM's prefix cache served its first {pos} tokens and the drafter's "
-                                              "prefix cache does not hold them all")
-        self._append(late, step, index)
+                    waiting.append((req_id, pos, f))
+            late = waiting
+        for req_id, pos, _ in late:
+            self._gap_reqs[req_id] = (f"vLLM's prefix cache served its first {pos} tokens and the drafter's "
+                                      "prefix cache does not hold them all")
         self.stats.ingest_seconds += time.perf_counter() - t0
         self._step_end = time.perf_counter()
 
