@@ -81,20 +81,6 @@ def _record_registration() -> None:
             f.write(f"{os.getpid()}\n")
 
 
-def _adopt_vllm_logging() -> None:
-    """Print through vLLM's log handlers (its format, its level): vLLM configures only its own "vllm" logger,
-    so without this our INFO lines (the drafter summary at load, requests that cannot draft) are dropped in
-    vLLM's processes and only warnings reach stderr, unformatted. Nothing changes where our logger already
-    has handlers (the user configured it) or vLLM has none."""
-    if logger.handlers:
-        return
-    vllm_logger = logging.getLogger("vllm")
-    for handler in vllm_logger.handlers:
-        logger.addHandler(handler)
-    if vllm_logger.handlers and logger.level == logging.NOTSET:
-        logger.setLevel(vllm_logger.getEffectiveLevel())
-
-
 def register() -> None:
     """vLLM general-plugin entry point: check the vLLM version, then run the installation steps.
 
@@ -106,7 +92,6 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    _adopt_vllm_logging()
     if _vllm_version_ok():
         for module_name in _INSTALLERS:
             if importlib.util.find_spec(module_name) is not None:
