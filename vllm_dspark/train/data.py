@@ -19,8 +19,20 @@ import re
 import sys
 import zlib
 from pathlib import Path
+from typing import Any, Mapping
 
 from ..assets import load_mtbench, sharegpt_prompts
+
+
+def token_ids(rendered: Any) -> list[int]:
+    """The ids of ``apply_chat_template(..., tokenize=True)``: a list, or (transformers >= 5) a BatchEncoding,
+    whose ``len()`` is its number of keys."""
+    return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
+
+
+def prompt_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of the chat rendered with the generation prompt: what vLLM's ``LLM.chat`` will prefill."""
+    return len(token_ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)))
 
 
 def _norm(text: str) -> str:
@@ -135,7 +147,7 @@ def main(argv: list[str]) -> int:
             chunk = []
             for pid, prompt in todo[c: c + args.chunk]:
                 msgs = [{"role": "user", "content": prompt}]
-                if len(tokenizer.apply_chat_template(msgs, add_generation_prompt=True)) <= budget:
+                if prompt_length(tokenizer, msgs) <= budget:
                     chunk.append((pid, msgs))
                 else:
                     bar.update(1)  # too long for --max-model-len: skipped, not retried

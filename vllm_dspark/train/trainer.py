@@ -33,6 +33,7 @@ from torch import nn
 from ..checkpoint import load_drafter, new_drafter, save_drafter, select_draft_vocab, set_lm_head, target_embeddings
 from ..config import DSparkConfig
 from ..model.drafter import DSparkDrafter
+from .data import prompt_length, token_ids
 from .features import TargetFeatures, load_target
 from .loss import LOSS_TYPES, LossStats, dspark_loss, expected_tau, packed_block_hidden, sample_anchors, \
     supervised_weight
@@ -69,10 +70,6 @@ class Example:
     mask: list[bool]  # True on assistant tokens (up to and including each turn's end token)
 
 
-def _ids(rendered: Any) -> list[int]:
-    return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
-
-
 def end_token_ids(tokenizer) -> set[int]:
     """Ids that end an assistant turn: eos plus the usual chat end markers the vocabulary has."""
     ends = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -87,13 +84,13 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int, end_ids: 
     """Tokens of the whole chat and its loss mask: for every assistant turn, the tokens after the prefix rendered
     with ``add_generation_prompt=True`` up to and including the turn's end token. Turns whose rendering is not a
     prefix of the full chat (templates that rewrite history) are left unsupervised."""
-    full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+    full = token_ids(tokenizer.apply_chat_template(messages, tokenize=True))
     mask = [False] * len(full)
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":
             continue
-        start = len(_ids(tokenizer.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)))
-        upto = _ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+        start = prompt_length(tokenizer, messages[:i])
+        upto = token_ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
         if full[: len(upto)] != upto or full[:start] != upto[:start]:
             continue
         stop = len(upto)
