@@ -48,5 +48,7 @@ $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 128 --loss dspark --out "$RUN
 $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 0 --loss ce --out "$RUNS/smollm2-ablation" \
   $(resume "$RUNS/smollm2-ablation") > "$RUNS/train-ablation.log" 2>&1 &
 wait
-mkdir -p drafters/smollm2-135m-dspark
-cp "$RUNS/smollm2-dspark/config.json" "$RUNS/smollm2-dspark/model.safetensors" drafters/smollm2-135m-dspark/
+if [ "${INSTALL:-1}" = 1 ]; then  # INSTALL=0: keep drafters/ as it is (the shipped weights are committed)
+  mkdir -p drafters/smollm2-135m-dspark
+  cp "$RUNS/smollm2-dspark/config.json" "$RUNS/smollm2-dspark/model.safetensors" drafters/smollm2-135m-dspark/
+fi

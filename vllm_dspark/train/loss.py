@@ -183,13 +183,18 @@ def dspark_loss(
         e = drafter.markov_head.embed(prev)  # [N, r]
         logits = logits + drafter.markov_head.bias(e).float()
     logq = F.log_softmax(logits, dim=-1)
-    p = F.softmax(target_logits[b_idx, pos].float(), dim=-1)  # [N, V]
+    # Blocks of nearby anchors overlap: the target's distribution (an LM head row and a softmax over the whole
+    # vocabulary, the step's largest cost) is computed once per distinct (row, position), U <= N.
+    T = input_ids.shape[1]
+    uniq, inv = torch.unique(b_idx * T + pos, return_inverse=True)
+    p_u = F.softmax(target_logits[uniq // T, uniq % T].float(), dim=-1)  # [U, V]
+    p_top = p_u.argmax(-1)[inv]  # [N] the target's greedy token
     draft_ids = drafter.draft_token_ids  # [Vd] target ids, None = the whole vocabulary
     if draft_ids is None:
         ce = F.nll_loss(logq, labels, reduction="none")
-        l1 = (logq.exp() - p).abs().sum(-1)
+        l1 = (logq.exp() - p_u[inv]).abs().sum(-1)
     else:  # q is zero outside the draft vocabulary: that part of the L1 is the target's mass there
-        p_d = p[:, draft_ids]  # [N, Vd]
+        p_d = p_u[:, draft_ids][inv]  # [N, Vd]
         l1 = (logq.exp() - p_d).abs().sum(-1) + (1 - p_d.sum(-1)).clamp(min=0)
         t2d = torch.full((cfg.vocab_size,), -1, dtype=torch.int64, device=dev)
         t2d[draft_ids] = torch.arange(draft_ids.numel(), device=dev)
@@ -208,7 +213,7 @@ def dspark_loss(
     loss = weighted_sum / norm.clamp(min=1e-12)
 
     with torch.no_grad():
-        greedy = (drafter.to_target_ids(logq.argmax(-1)) == p.argmax(-1)).double()
+        greedy = (drafter.to_target_ids(logq.argmax(-1)) == p_top).double()
         stats = LossStats(
             accept_sum=torch.zeros(g, dtype=torch.float64).index_add_(0, k_idx.cpu(), accept.double().cpu()),
             greedy_sum=torch.zeros(g, dtype=torch.float64).index_add_(0, k_idx.cpu(), greedy.cpu()),
