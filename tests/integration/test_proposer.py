@@ -99,6 +99,7 @@ def test_greedy_lossless_and_drafts_match_hf_hidden_states(vllm_env, drafters, a
 
     hf = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
     drafter = load_drafter(drafter_dir, target)
+    drafter.set_head_dtype(torch.bfloat16)  # the plugin's default LM head on CPU (head_dtype "auto")
     seqs = {o.request_id: list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in first + second}
     mismatches = 0
     for rec in records[::3]:

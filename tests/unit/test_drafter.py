@@ -223,3 +223,18 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     store.free("s")
     assert not calls and not store._to_publish
     m.context_kv = orig
+
+
+def test_inference_head_copy_in_bfloat16_matches_the_lm_head_to_bfloat16_precision():
+    d = tiny_drafter().eval()
+    h = torch.randn(2, 3, d.cfg.hidden_size, dtype=d.lm_head.weight.dtype)
+    exact = d.base_logits(h)
+    d.set_head_dtype(torch.float32)  # transposed copy, same precision
+    assert torch.allclose(d.base_logits(h), exact, atol=1e-5)
+    d.set_head_dtype(torch.bfloat16)
+    fast = d.base_logits(h)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    err = (fast - exact).abs().max().item()
+    assert 0 < err < 0.02 * exact.abs().max().item()  # bfloat16 rounding, not a different head
+    d.set_head_dtype(None)
+    assert torch.equal(d.base_logits(h), exact)

@@ -330,6 +330,41 @@ def test_linear_cost_fits_online_steps_and_uses_its_prior_until_sizes_spread():
     assert steep < flat
 
 
+def test_linear_cost_learns_a_small_step_that_is_slower_than_its_line():
+    from vllm_dspark.scheduling import LinearCost
+
+    cost = LinearCost(overhead_tokens=10.0)
+    line = {1: 0.035, 2: 0.036, 3: 0.037, 4: 0.038, 8: 0.042}  # 1 ms per token on a 34 ms step
+    measured = {**line, 2: 0.040}  # ... but 2 tokens take 40 ms (measured with vLLM on this CPU)
+    for _ in range(200):
+        for b, t in measured.items():
+            cost.observe(b, t)
+    assert abs(cost.line(3) - 0.037) < 1.5e-3
+    assert abs(cost.seconds(2) - 0.040) < 1e-3  # its own correction
+    assert abs(cost.seconds(3) - 0.037) < 1e-3 and abs(cost.seconds(16) - cost.line(16)) < 1e-12
+    assert cost.sps(3) > cost.sps(2)  # not monotone: the policy must scan
+    # A size seen fewer than RESIDUAL_MIN times keeps the line.
+    fresh = LinearCost(overhead_tokens=10.0)
+    for b in (1, 4, 1, 4, 1, 4, 2):
+        fresh.observe(b, 0.035 if b == 1 else 0.038 if b == 4 else 0.08)
+    assert fresh.seconds(2) == fresh.line(2)
+
+
+def test_scan_finds_the_best_block_past_a_slow_size_that_stops_the_early_stop():
+    seconds = {1: 1.0, 2: 1.5, 3: 1.05, 4: 1.1}  # B = 2 slow, as verifying 2 tokens is on this CPU
+    survival = [[0.5, 0.4, 0.05]]
+    cost = lambda b: 1.0 / seconds[b]  # noqa: E731
+    assert plan_block_lengths(survival, cost).lengths.tolist() == [0]  # theta(1 draft) = 1.0: stops
+    plan = plan_block_lengths(survival, cost, scan=True)
+    assert plan.lengths.tolist() == [2]  # 1.9 / 1.05 = 1.81 > 1.95 / 1.1 = 1.77 > 1.0
+    assert abs(plan.throughput - 1.9 / 1.05) < 1e-12 and plan.num_tokens == 3
+    # With a monotone cost, scanning and the early stop agree.
+    survival = np.tile([0.8, 0.6, 0.45, 0.3, 0.2], (16, 1))
+    table = CostTable.from_profile({b: 0.05 + 0.002 * b for b in range(1, 129)})
+    assert (plan_block_lengths(survival, table.sps, scan=True).lengths ==
+            plan_block_lengths(survival, table).lengths).all()
+
+
 # ------------------------------------------------------------------------------------------ pauses in drafting
 def test_draft_pause_backs_off_exponentially_and_resets():
     pause = DraftPause(base=4, cap=16)
@@ -374,6 +409,9 @@ def test_draft_pause_and_probe_settings_are_checked():
         DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "probe_interval_max": 16}})
     with pytest.raises(DSparkConfigError, match=r'\["probe_interval"\]=0: expected an integer >= 1'):
         DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "probe_interval": 0}})
+    assert DSparkSettings.from_additional_config({"dspark": {"drafter": "d"}}).head_dtype == "auto"
+    with pytest.raises(DSparkConfigError, match=r'\["head_dtype"\]=\'int8\': expected auto\|same\|float32'):
+        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "head_dtype": "int8"}})
 
 
 def _bare_proposer(k: int = 4):
@@ -386,6 +424,7 @@ def _bare_proposer(k: int = 4):
     prop.cost, prop.draft_cost = LinearCost(overhead_tokens=10.0), LinearCost(overhead_tokens=4.0)
     prop.cost.observe(16, 0.1)  # a 16-token step takes 0.1 s
     prop._pause, prop.stats, prop.step_overhead, prop.net_ratio = DraftPause(32, 1024), ProposerStats(), 0.0, None
+    prop._probe_steps = 0
     prop.stats.steps = 100
     return prop
 
@@ -435,6 +474,29 @@ def test_one_unlucky_block_does_not_pause_drafting():
     for _ in range(100):
         prop._plan(hopeless, [10], 4, 0.05, batch=1)
     assert prop._pause.until > 0  # a run of them pauses it
+
+
+def test_a_small_batch_probes_for_several_steps_and_keeps_its_running_average():
+    """After a pause a single request drafts SMALL_PROBE_STEPS steps before the next verdict, and its running
+    average carries over: the first block after a pause, unlucky or lucky, does not decide alone."""
+    prop = _bare_proposer()
+    prop.step_overhead = 0.2
+    confident, hopeless = torch.full((1, 4), 6.0), torch.full((1, 4), -8.0)
+    prop.net_ratio = 0.9  # drafting did not pay before the pause ...
+    prop._pause.not_worth_it(68, 1, grow=False)
+    assert prop._pause.active(99, 1) and not prop._pause.active(100, 1) and prop._pause.probing
+    for i in range(prop.SMALL_PROBE_STEPS - 1):  # ... and now it does: no verdict while the average is < 1
+        assert prop._plan(confident, [10], 4, 0.05, batch=1) == [4]
+        assert prop._pause.until == 100 and prop._pause.probing, i
+    assert prop.net_ratio > 1
+    prop._plan(confident, [10], 4, 0.05, batch=1)  # the verdict: drafting pays
+    assert (prop._pause.until, prop._pause.probing, prop._probe_steps) == (0, False, 0)
+    # High average, paused anyway (e.g. the budget), then one hopeless block: the average barely moves.
+    high = prop.net_ratio
+    prop._pause.not_worth_it(100, 1, grow=False)
+    assert not prop._pause.active(132, 1) and prop._pause.probing
+    assert prop._plan(hopeless, [10], 4, 0.05, batch=1) == [0]
+    assert 1 < prop.net_ratio < high and high - prop.net_ratio < 0.1 * high
 
 
 def test_a_big_batch_weighs_its_verdict_by_its_size():

@@ -47,6 +47,10 @@ class DSparkSettings:
     probabilistic: bool = True
     # Drafter compute dtype: "auto" = float32 on CPU (no bf16 units on AVX2), the target's dtype on GPU.
     dtype: str = "auto"
+    # The drafter's LM head: "auto" = a bfloat16 copy on CPU (memory-bound there: 1.0 ms instead of 4.8 ms for
+    # SmolLM2's 8192-row draft head with cold caches; see DSparkDrafter.set_head_dtype), the drafter's own
+    # elsewhere; "same" = the drafter's dtype; or "float32" | "bfloat16" | "float16".
+    head_dtype: str = "auto"
     # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on).
     prefix_cache_mb: int = 256
     # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
@@ -87,6 +91,9 @@ class DSparkSettings:
             raise DSparkConfigError(f'additional_config["dspark"]["mode"]={s.mode!r}: expected adaptive|fixed')
         if s.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise DSparkConfigError(f'additional_config["dspark"]["dtype"]={s.dtype!r}: expected auto|float32|bfloat16|float16')
+        if s.head_dtype not in ("auto", "same", "float32", "bfloat16", "float16"):
+            raise DSparkConfigError(f'additional_config["dspark"]["head_dtype"]={s.head_dtype!r}: '
+                                    'expected auto|same|float32|bfloat16|float16')
         return s
 
 
@@ -170,6 +177,7 @@ class DSparkProposer:
         self.draft_cost = LinearCost(overhead_tokens=4.0)
         self.net_ratio: float | None = None  # running tokens/s with drafting (drafter included) / without
         self._pause = DraftPause(self.settings.probe_interval, self.settings.probe_interval_max)
+        self._probe_steps = 0  # steps drafted since the pause ended (small batches, see _plan)
         self._step_t0: float | None = None
         # The engine's own time per step outside the runner (output processing, scheduling): a step costs it
         # whatever it verifies, so it counts in steps/s like the forward's fixed part. EMA, seconds.
@@ -190,7 +198,8 @@ class DSparkProposer:
         if self.drafter is not None:
             return
         device = next(target_model.parameters()).device
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        dtype = dtypes.get(
             self.settings.dtype, torch.float32 if device.type == "cpu" else vllm_config.model_config.dtype)
         # Under tensor parallelism the target's embedding and LM head are vocab-sharded: take the full
         # matrices from the target's checkpoint files instead (the drafter is replicated on every rank).
@@ -198,6 +207,9 @@ class DSparkProposer:
         if int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)) > 1:
             source = vllm_config.model_config.model
         self.drafter = load_drafter(self.settings.drafter, source, dtype=dtype, device=device)
+        head = self.settings.head_dtype
+        head_dtype = dtypes.get(head, torch.bfloat16 if head == "auto" and device.type == "cpu" else None)
+        self.drafter.set_head_dtype(head_dtype)
         prefix = None
         if self._prefix_block_size:
             row_bytes = 2 * self.drafter.fc.weight.element_size() * self.cfg.num_hidden_layers * \
@@ -205,9 +217,9 @@ class DSparkProposer:
             blocks = max(16, self.settings.prefix_cache_mb * 2**20 // (row_bytes * self._prefix_block_size))
             prefix = PrefixCache(self._prefix_block_size, blocks)
         self.store = ContextStore(self.drafter, prefix_cache=prefix)
-        logger.info("vllm-dspark: drafter %s loaded (%d layers, markov rank %d, K=%d, topk=%d, %s)",
+        logger.info("vllm-dspark: drafter %s loaded (%d layers, markov rank %d, K=%d, topk=%d, %s, LM head %s)",
                     self.settings.drafter, self.cfg.num_hidden_layers, self.cfg.markov_rank, self.num_spec_tokens,
-                    self.settings.topk, dtype)
+                    self.settings.topk, dtype, head_dtype or dtype)
 
     # ------------------------------------------------------------------ step hooks
     def on_finished(self, req_ids) -> None:
@@ -410,6 +422,7 @@ class DSparkProposer:
                            "(output is unaffected). Later faults are only counted.", where, exc_info=True)
 
     PROBE_ROWS = 4  # requests drafted by a probe after a pause
+    SMALL_PROBE_STEPS = 8  # steps a batch of at most PROBE_ROWS drafts after a pause before the next verdict
     NET_RATIO_ALPHA = 0.05  # weight of one request's drafting step in the running average of its payoff
     # Keep drafting only while it is predicted to pay at least this much (tokens/s with drafting / without):
     # near break-even the gain is within the cost model's error, and drafting also costs what the model does
@@ -435,18 +448,29 @@ class DSparkProposer:
         if probe:
             survival, caps = np.resize(survival, (batch, survival.shape[1])), np.resize(caps, batch)
         overhead = self.step_overhead
-        plan = plan_block_lengths(survival, lambda b: 1.0 / (self.cost.seconds(b) + overhead), caps)
+        plan = plan_block_lengths(survival, lambda b: 1.0 / (self.cost.seconds(b) + overhead), caps, scan=True)
         lengths = plan.lengths.tolist()
-        # Draft no more positions next step than could be chosen now (+1 to grow back when load falls).
-        self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 1))
+        # Draft no more positions next step than could be chosen now, +2 to grow back when load falls: a block
+        # one longer may not pay where two do (a CPU may verify 3 tokens faster than 2), and with +1 a request
+        # that chose 0 drafts would then only ever be offered that one.
+        self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 2))
         with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + overhead
                                               + self.draft_cost.seconds(batch))
         ratio = with_drafts * (self.cost.seconds(batch) + overhead) / batch  # vs not speculating
-        fresh = probe or self._pause.probing or self.net_ratio is None
+        # After a pause a big batch's probe stands alone (the load may have changed); a small batch keeps its
+        # running average, which a single step moves little: it drafts SMALL_PROBE_STEPS steps before a verdict
+        # (a verdict on the first step's ratio alone followed that one block's confidence: at concurrency 1 the
+        # shipped drafter then paused in 2 of 3 steps although drafting paid +26% where it ran).
+        small = batch <= self.PROBE_ROWS
+        fresh = probe or self.net_ratio is None or (self._pause.probing and not small)
         # One step's ratio averages over its requests: weigh it by the batch (a big batch's verdict is firm, and
         # drafting it at a loss is costly), a single request's by 1/20.
         alpha = min(1.0, self.NET_RATIO_ALPHA * batch)
         self.net_ratio = ratio if fresh else (1 - alpha) * self.net_ratio + alpha * ratio
+        if self._pause.probing and small and self._probe_steps < self.SMALL_PROBE_STEPS - 1:
+            self._probe_steps += 1
+            return lengths
+        self._probe_steps = 0
         if self.net_ratio <= self.MIN_NET_RATIO:
             self._pause.not_worth_it(self.stats.steps, batch, grow=batch > self.PROBE_ROWS)
         else:
