@@ -147,6 +147,10 @@ def test_bench_method_names():
     assert adaptive["speculative_config"]["num_speculative_tokens"] == 5
     assert "mode" not in adaptive["additional_config"]["dspark"]  # the plugin's default: adaptive
     assert method_kwargs("ngram-k2", args)["speculative_config"]["num_speculative_tokens"] == 2
+    assert method_kwargs("dspark-lookup", argparse.Namespace(drafter="/d", ablation=None, k=7))[
+        "additional_config"]["dspark"] == {
+        "drafter": "/d", "record": False, "lookup": True}
+    assert method_kwargs("dspark-lookup-k4", args)["additional_config"]["dspark"] == dict(fixed, lookup=True)
     assert method_kwargs("none", args) == {}
     from vllm_dspark.eval.bench import cell_prompts
 

@@ -6,6 +6,7 @@ import gc
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,40 @@ def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
     counters = _spec_counters(llm)
     assert counters["vllm:spec_decode_num_draft_tokens"] == sum(prop.stats.drafted_at)
     assert counters["vllm:spec_decode_num_accepted_tokens"] == sum(prop.stats.accepted_at)
+    _close(llm)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "fixed"])
+def test_prompt_lookup_drafts_stay_lossless_and_are_counted(vllm_env, drafters, mode):
+    """lookup=true: requests whose text repeats draft by copying (no drafter run for them), the others from the
+    drafter; greedy output unchanged, the tokens drafted are exactly what the text's earlier occurrence held,
+    and our per-position counts still agree with vLLM's."""
+    from vllm_dspark.lookup import prompt_lookup
+
+    target, drafter_dir = drafters["qwen3"]
+    prompts = [SHARED + "and the water was good and the day was long and the water was"] + _prompts(3)
+    base = _generate(_llm(target, enable_prefix_caching=False), prompts, max_tokens=32)
+    gc.collect()
+    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"lookup": True, "mode": mode})
+    spec = _generate(llm, prompts, max_tokens=32)
+    assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
+    prop = _proposer(llm)
+    sources = {r["source"] for r in prop.records}
+    assert sources == {"drafter", "lookup"}, sources
+    from vllm_dspark.integration.compat import external_request_id
+
+    seqs = {o.request_id: list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in spec}
+    for rec in prop.records:
+        if rec["source"] == "lookup":
+            text = seqs[external_request_id(rec["req_id"])][: rec["position"] + 1]
+            assert text[-1] == rec["anchor"]
+            full = prompt_lookup(np.array(text), 2, 4, 3)
+            assert rec["drafts"] and rec["drafts"] == full[: len(rec["drafts"])]
+    assert prop.stats.lookup_rounds > 0 and 0 <= prop.stats.lookup_accepted <= prop.stats.lookup_drafted
+    counters = _spec_counters(llm)
+    assert counters["vllm:spec_decode_num_draft_tokens"] == sum(prop.stats.drafted_at)
+    assert counters["vllm:spec_decode_num_accepted_tokens"] == sum(prop.stats.accepted_at)
+    assert len(prop.stats.round_log) == prop.stats.num_rounds - prop.stats.lookup_rounds  # drafter rounds only
     _close(llm)
 
 

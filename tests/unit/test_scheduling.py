@@ -410,6 +410,12 @@ def test_draft_pause_and_probe_settings_are_checked():
     with pytest.raises(DSparkConfigError, match=r'\["probe_interval"\]=0: expected an integer >= 1'):
         DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "probe_interval": 0}})
     assert DSparkSettings.from_additional_config({"dspark": {"drafter": "d"}}).head_dtype == "auto"
+    with pytest.raises(DSparkConfigError, match=r'\["lookup"\]=\'yes\': expected true or false'):
+        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "lookup": "yes"}})
+    with pytest.raises(DSparkConfigError, match=r'\["lookup_max"\]=1: expected >= lookup_min \(2\)'):
+        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "lookup": True, "lookup_max": 1}})
+    with pytest.raises(DSparkConfigError, match=r'\["lookup_min"\]=0: expected an integer >= 1'):
+        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "lookup_min": 0}})
     with pytest.raises(DSparkConfigError, match=r'\["head_dtype"\]=\'int8\': expected auto\|same\|float32'):
         DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "head_dtype": "int8"}})
 
@@ -422,7 +428,8 @@ def _bare_proposer(k: int = 4):
     prop = DSparkProposer.__new__(DSparkProposer)
     prop.calibration, prop.max_model_len, prop.num_spec_tokens, prop._g = None, 10_000, k, k
     prop.cost, prop.draft_cost = LinearCost(overhead_tokens=10.0), LinearCost(overhead_tokens=4.0)
-    prop.cost.observe(16, 0.1)  # a 16-token step takes 0.1 s
+    for _ in range(prop.WARMUP_STEPS):
+        prop.cost.observe(16, 0.1)  # a 16-token step takes 0.1 s
     prop._pause, prop.stats, prop.step_overhead, prop.net_ratio = DraftPause(32, 1024), ProposerStats(), 0.0, None
     prop._probe_steps = 0
     prop.stats.steps = 100
@@ -497,6 +504,36 @@ def test_a_small_batch_probes_for_several_steps_and_keeps_its_running_average():
     assert not prop._pause.active(132, 1) and prop._pause.probing
     assert prop._plan(hopeless, [10], 4, 0.05, batch=1) == [0]
     assert 1 < prop.net_ratio < high and high - prop.net_ratio < 0.1 * high
+
+
+def test_no_verdict_before_the_cost_model_has_seen_enough_steps():
+    from vllm_dspark.scheduling import LinearCost
+
+    prop = _bare_proposer()
+    prop.cost = LinearCost(overhead_tokens=10.0)
+    prop.cost.observe(60, 0.06)  # a prefill only: a decode step looks 3x cheaper than it is
+    hopeless = torch.full((1, 4), -8.0)
+    for _ in range(prop.WARMUP_STEPS - 2):
+        prop.cost.observe(1, 0.03)
+        prop._plan(hopeless, [10], 4, 0.05, batch=1)
+        assert prop._pause.until == 0 and prop.net_ratio < 1
+    prop.cost.observe(1, 0.03)
+    prop._plan(hopeless, [10], 4, 0.05, batch=1)
+    assert prop._pause.until > 0  # enough steps: the verdict
+
+
+def test_prompt_lookup_rows_are_planned_with_their_measured_acceptance():
+    from vllm_dspark.lookup import LookupStats
+
+    prop = _bare_proposer()
+    prop.lookup_stats = LookupStats(4, prior=0.9)
+    assert prop._plan(None, [10], 4, 0.0001, batch=1, lookup=[3]) == [3]  # never beyond the copied text
+    assert len(prop.draft_cost) == 0  # the drafter did not run: its cost model is untouched
+    hopeless = torch.full((1, 4), -8.0)
+    assert prop._plan(hopeless, [10, 10], 4, 0.01, batch=2, lookup=[2]) == [0, 2]
+    assert len(prop.draft_cost) == 1
+    prop.lookup_stats = LookupStats(4, prior=0.01)  # lookups that are never accepted are not verified
+    assert prop._plan(None, [10], 4, 0.0001, batch=1, lookup=[3]) == [0]
 
 
 def test_a_big_batch_weighs_its_verdict_by_its_size():

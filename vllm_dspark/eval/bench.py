@@ -25,7 +25,8 @@ Design (what makes the numbers comparable):
 Methods are a registry ``name -> engine kwargs`` (:data:`METHODS`): ``none``, ``ngram`` (K=4, lookup 2-4),
 ``dspark`` (plugin defaults: load-aware block lengths when the drafter has a confidence head, at most K),
 ``dspark-kN`` (always N drafts: fixed K = N), ``dspark-adaptive-kN`` (load-aware with at most N), and the same
-for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``). ``ngram-kN`` sets ngram's K.
+for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``), ``dspark-lookup[-kN]`` (DSpark with
+prompt lookup for greedy requests whose text repeats). ``ngram-kN`` sets ngram's K.
 E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
 """
 from __future__ import annotations
@@ -79,9 +80,13 @@ METHODS: dict[str, Callable[[argparse.Namespace, int | None], dict]] = {
     "dspark-ablation": _dspark_from("ablation"),
     "dspark-ablation-adaptive": _dspark_from("ablation"),
     "dspark-ablation-fixed": _dspark_from("ablation", mode="fixed"),
+    # With prompt lookup: greedy requests whose text repeats draft by copying it (vllm_dspark.lookup).
+    "dspark-lookup": _dspark_from("drafter", lookup=True),
+    "dspark-lookup-fixed": _dspark_from("drafter", lookup=True, mode="fixed"),
 }
 # "dspark-kN" means fixed K = N (issue naming: adaptive is "dspark", fixed K runs are "dspark-k3", "dspark-k7").
-_FIXED_WITH_K = {"dspark": "dspark-fixed", "dspark-ablation": "dspark-ablation-fixed"}
+_FIXED_WITH_K = {"dspark": "dspark-fixed", "dspark-ablation": "dspark-ablation-fixed",
+                 "dspark-lookup": "dspark-lookup-fixed"}
 _K_SUFFIX = re.compile(r"^(?P<base>.+)-k(?P<k>[1-9][0-9]*)$")
 
 

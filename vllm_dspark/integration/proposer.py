@@ -29,6 +29,7 @@ from ..context import ContextGapError, ContextStore, PrefixCache
 from ..scheduling import (CALIBRATION_FILE, DraftPause, LinearCost, apply_temperature, load_calibration,
                           plan_block_lengths)
 from ..drafting import draft_block
+from ..lookup import LookupStats, prompt_lookup
 from . import compat, metrics
 from .compat import StepRows
 
@@ -61,6 +62,13 @@ class DSparkSettings:
     # probe_interval when drafting pays again or the batch halves. See scheduling.DraftPause.
     probe_interval: int = 32
     probe_interval_max: int = 1024
+    # Prompt lookup (vllm_dspark.lookup): a greedy request whose text has an earlier occurrence of its last
+    # lookup_min..lookup_max tokens drafts the tokens that followed it instead of running the drafter (vLLM's
+    # ngram rule). Its survival for the load-aware policy is the lookup drafts' measured acceptance. Off by
+    # default: it measures the text's repetitiveness, not the drafter (eval and calibrate keep it off).
+    lookup: bool = False
+    lookup_min: int = 2
+    lookup_max: int = 4
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
     record: bool = False
@@ -84,6 +92,15 @@ class DSparkSettings:
             value = getattr(s, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
+        if not isinstance(s.lookup, bool):
+            raise DSparkConfigError(f'additional_config["dspark"]["lookup"]={s.lookup!r}: expected true or false')
+        for name in ("lookup_min", "lookup_max"):
+            value = getattr(s, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
+        if s.lookup_max < s.lookup_min:
+            raise DSparkConfigError(f'additional_config["dspark"]["lookup_max"]={s.lookup_max!r}: '
+                                    f'expected >= lookup_min ({s.lookup_min})')
         if s.probe_interval_max < s.probe_interval:
             raise DSparkConfigError(f'additional_config["dspark"]["probe_interval_max"]={s.probe_interval_max!r}: '
                                     f'expected >= probe_interval ({s.probe_interval})')
@@ -116,6 +133,11 @@ class ProposerStats:
     # With ``record``: one (req_id, drafted, accepted, confidences of the verified positions) per round, in
     # verification order (req_id = vLLM's engine-internal request id, as in ``records``).
     round_log: list[tuple[str, int, int, list[float]]] = field(default_factory=list)
+    # Rounds whose drafts came from prompt lookup (counted in num_rounds/drafted_at/accepted_at too, so that
+    # those agree with vLLM's counters; never in round_log, the drafter's calibration data).
+    lookup_rounds: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     @property
     def rounds(self) -> list[tuple[int, int, list[float]]]:
@@ -185,6 +207,8 @@ class DSparkProposer:
         self._step_end: float | None = None  # when our part of the previous step ended
         self._last_forward = 0.0
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
+        self._looked_up: set[str] = set()  # requests whose pending drafts came from prompt lookup
+        self.lookup_stats = LookupStats(self.num_spec_tokens)
 
     # ------------------------------------------------------------------ setup
     @property
@@ -234,6 +258,7 @@ class DSparkProposer:
             self.store.free(r)
             self._gap_reqs.pop(r, None)
             self._confidence.pop(r, None)
+            self._looked_up.discard(r)
         if req_ids:
             metrics.publish(self, force=not self.store.slots)  # an idle engine reports 0 active at once
 
@@ -266,8 +291,15 @@ class DSparkProposer:
             rejected = nd + 1 - ns if nd > 0 and ns > 0 else 0
             stop -= rejected
             if nd > 0 and ns > 0:
+                looked_up = req_id in self._looked_up
                 self.stats.observe_round(req_id, nd, ns - 1, self._confidence.pop(req_id, None),
-                                         self.settings.record)
+                                         self.settings.record and not looked_up)
+                if looked_up:
+                    self._looked_up.discard(req_id)
+                    self.lookup_stats.observe(nd, ns - 1)
+                    self.stats.lookup_rounds += 1
+                    self.stats.lookup_drafted += nd
+                    self.stats.lookup_accepted += ns - 1
             if stop > start:
                 rows.append((req_id, int(step.positions[start]), feats[start:stop]))
         index = {r: i for i, r in enumerate(step.req_ids)}
@@ -317,11 +349,12 @@ class DSparkProposer:
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None, **_: Any) -> list[list[int]]:
         try:
-            return self._propose(sampled_token_ids, num_tokens_no_spec)
+            return self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         finally:
             self._step_end = time.perf_counter()
 
-    def _propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray) -> list[list[int]]:
+    def _propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                 token_ids_cpu: np.ndarray | None = None) -> list[list[int]]:
         self._last_probs = None
         out: list[list[int]] = [[] for _ in sampled_token_ids]
         if self.store is None:
@@ -352,46 +385,59 @@ class DSparkProposer:
         if not rows:
             return out
         batch = len(rows)
-        if self.adaptive and self._pause.probing and batch > self.PROBE_ROWS:
+        probe = self.adaptive and self._pause.probing and batch > self.PROBE_ROWS
+        if probe:
             # After a pause, draft for a few requests only: their confidences stand for the batch's, and a
             # probe of the whole batch would cost more than a target step under load.
             first = self._round % batch
             keep = sorted((first + j) % batch for j in range(self.PROBE_ROWS))
             rows, anchors, temps = ([x[j] for j in keep] for x in (rows, anchors, temps))
-        # Rows deferred since these requests last drafted (several steps' worth when the adaptive policy
-        # paused drafting) are projected here, outside the drafter's timing.
-        req_ids = [self._batch_req_ids[i] for i in rows]
+        looked = {} if probe else self._lookup(rows, temps, num_tokens_no_spec, token_ids_cpu)
+        # The drafter serves the rows prompt lookup did not; their deferred rows (several steps' worth when the
+        # adaptive policy paused drafting) are projected here, outside the drafter's timing.
+        drafted = [j for j in range(len(rows)) if j not in looked]
+        req_ids = [self._batch_req_ids[rows[j]] for j in drafted]
         t_flush = time.perf_counter()
         self.store.flush(req_ids)
         t0 += time.perf_counter() - t_flush
         self.stats.ingest_seconds += time.perf_counter() - t_flush
         device = self.drafter.fc.weight.device
-        temperature = torch.tensor(temps, dtype=torch.float32, device=device)
+        temperature = torch.tensor([temps[j] for j in drafted], dtype=torch.float32, device=device)
         want_q = self.settings.probabilistic and bool((temperature > 0).any())
         self._round += 1
         seed = torch.tensor([(zlib.crc32(r.encode()) * 1_000_003 + self._round) & 0x7FFFFFFF for r in req_ids],
                             dtype=torch.int64, device=device)
+        block, tokens, conf = None, [], None
         try:
-            block = draft_block(self.drafter, self.store.gather(req_ids),
-                                torch.tensor(anchors, dtype=torch.int64, device=device), k,
-                                temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
-            tokens = block.tokens.tolist()
-            conf = block.confidence.tolist() if block.confidence is not None else None
-            if self.adaptive and block.confidence_logit is not None:
-                lengths = self._plan(block.confidence_logit, [int(num_tokens_no_spec[i]) for i in rows], k,
-                                     time.perf_counter() - t0, batch)
+            if drafted:
+                block = draft_block(self.drafter, self.store.gather(req_ids),
+                                    torch.tensor([anchors[j] for j in drafted], dtype=torch.int64, device=device),
+                                    k, temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
+                tokens = block.tokens.tolist()
+                conf = block.confidence.tolist() if block.confidence is not None else None
+            order = drafted + list(looked)  # plan rows: the drafter's, then prompt lookup's
+            tokens = tokens + list(looked.values())
+            logit = None if block is None else block.confidence_logit
+            if self.adaptive and (logit is not None or (looked and not drafted)):
+                lengths = self._plan(logit, [int(num_tokens_no_spec[rows[j]]) for j in order], k,
+                                     time.perf_counter() - t0, batch, lookup=[len(d) for d in looked.values()])
                 tokens = [t[:n] for t, n in zip(tokens, lengths)]
         except Exception:  # noqa: BLE001 - a drafter fault must never take the engine down
             self._fault("drafting")
             return out
-        for j, i in enumerate(rows):
-            out[i] = tokens[j]
-            if conf is not None:
-                self._confidence[req_ids[j]] = conf[j]
+        for pos, j in enumerate(order):
+            i, req_id = rows[j], self._batch_req_ids[rows[j]]
+            out[i] = tokens[pos]
+            if pos < len(drafted):
+                if conf is not None:
+                    self._confidence[req_id] = conf[pos]
+            elif tokens[pos]:
+                self._looked_up.add(req_id)
             if self.settings.record:
-                self.records.append({"req_id": req_ids[j], "position": int(num_tokens_no_spec[i]) - 1,
-                                     "anchor": anchors[j], "drafts": tokens[j]})
-            n = len(tokens[j])
+                self.records.append({"req_id": req_id, "position": int(num_tokens_no_spec[i]) - 1,
+                                     "anchor": anchors[j], "drafts": tokens[pos],
+                                     "source": "drafter" if pos < len(drafted) else "lookup"})
+            n = len(tokens[pos])
             self.stats.length_hist[n] = self.stats.length_hist.get(n, 0) + 1
         self.stats.drafted_requests += len(rows)
         if want_q:
@@ -399,6 +445,22 @@ class DSparkProposer:
         self.stats.draft_seconds += time.perf_counter() - t0
         metrics.publish(self)
         return out
+
+    def _lookup(self, rows: list[int], temps: list[float], num_tokens: np.ndarray,
+                token_ids: np.ndarray | None) -> dict[int, list[int]]:
+        """Prompt-lookup drafts {index into rows: tokens} for the rows whose text has a match. Only in all-greedy
+        batches: vLLM's rejection sampler takes the drafter's q for every drafting request or for none."""
+        if not self.settings.lookup or token_ids is None or any(t > 0 for t in temps):
+            return {}
+        k = min(self.num_spec_tokens, self._budget)
+        looked = {}
+        for j, i in enumerate(rows):
+            n = int(num_tokens[i])
+            d = prompt_lookup(token_ids[i, :n], self.settings.lookup_min, self.settings.lookup_max,
+                              min(k, self.max_model_len - n))
+            if d:
+                looked[j] = d
+        return looked
 
     GAP_LOG_REQUESTS = 3  # requests whose missing context is logged (then only counted)
 
@@ -422,6 +484,9 @@ class DSparkProposer:
                            "(output is unaffected). Later faults are only counted.", where, exc_info=True)
 
     PROBE_ROWS = 4  # requests drafted by a probe after a pause
+    # No verdict before the target's cost model has this many steps: fitted on a prefill and a step or two
+    # it underestimated a decode step ~3x on SmolLM2 and paused every engine's first 40 steps at concurrency 1.
+    WARMUP_STEPS = 16
     SMALL_PROBE_STEPS = 8  # steps a batch of at most PROBE_ROWS drafts after a pause before the next verdict
     NET_RATIO_ALPHA = 0.05  # weight of one request's drafting step in the running average of its payoff
     # Keep drafting only while it is predicted to pay at least this much (tokens/s with drafting / without):
@@ -429,21 +494,32 @@ class DSparkProposer:
     # not see (its Python bookkeeping, upstream's rejection sampler instead of the plain sampler).
     MIN_NET_RATIO = 1.0
 
-    def _plan(self, confidence_logit: torch.Tensor, num_tokens: list[int], k: int, draft_seconds: float,
-              batch: int) -> list[int]:
+    def _plan(self, confidence_logit: torch.Tensor | None, num_tokens: list[int], k: int, draft_seconds: float,
+              batch: int, lookup: list[int] = ()) -> list[int]:
         """Per-request draft lengths maximising expected tokens x steps/s (paper Alg. 1, early stop; this
         step's drafting is paid for already), then whether to keep drafting: the plan's tokens/s with the
         drafter's time included against not speculating, as a running average over drafting steps (one
         unlucky block must not stop drafting). ``batch`` > rows drafted: a probe, whose rows stand for the
-        whole batch (tiled); it decides whether to draft again and verifies nothing itself."""
-        z = confidence_logit.float().cpu().numpy()
-        if self.calibration is not None:
-            survival = apply_temperature(z, self.calibration[: z.shape[1]])
-        else:
-            survival = np.cumprod(1.0 / (1.0 + np.exp(-z)), axis=1)
+        whole batch (tiled); it decides whether to draft again and verifies nothing itself.
+
+        ``lookup``: lengths of the prompt-lookup drafts of the last rows (after the drafter's rows, which have
+        ``confidence_logit``); their survival is the lookup drafts' measured acceptance."""
+        width = max([k, *lookup])
+        survival = np.zeros((len(num_tokens), width))
         caps = np.array([max(0, min(k, self.max_model_len - n)) for n in num_tokens])
+        n_drafter = len(num_tokens) - len(lookup)
+        if n_drafter:
+            z = confidence_logit.float().cpu().numpy()
+            if self.calibration is not None:
+                survival[:n_drafter, :z.shape[1]] = apply_temperature(z, self.calibration[: z.shape[1]])
+            else:
+                survival[:n_drafter, :z.shape[1]] = np.cumprod(1.0 / (1.0 + np.exp(-z)), axis=1)
+        for j, n in enumerate(lookup):
+            survival[n_drafter + j] = self.lookup_stats.survival(n)[:width]
+            caps[n_drafter + j] = n
         r = len(caps)
-        self.draft_cost.observe(r, draft_seconds)
+        if n_drafter:
+            self.draft_cost.observe(n_drafter, draft_seconds)
         probe = batch > r
         if probe:
             survival, caps = np.resize(survival, (batch, survival.shape[1])), np.resize(caps, batch)
@@ -454,8 +530,8 @@ class DSparkProposer:
         # one longer may not pay where two do (a CPU may verify 3 tokens faster than 2), and with +1 a request
         # that chose 0 drafts would then only ever be offered that one.
         self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 2))
-        with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + overhead
-                                              + self.draft_cost.seconds(batch))
+        drafter_seconds = self.draft_cost.seconds(batch * n_drafter // r) if n_drafter else 0.0
+        with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + overhead + drafter_seconds)
         ratio = with_drafts * (self.cost.seconds(batch) + overhead) / batch  # vs not speculating
         # After a pause a big batch's probe stands alone (the load may have changed); a small batch keeps its
         # running average, which a single step moves little: it drafts SMALL_PROBE_STEPS steps before a verdict
@@ -469,6 +545,8 @@ class DSparkProposer:
         self.net_ratio = ratio if fresh else (1 - alpha) * self.net_ratio + alpha * ratio
         if self._pause.probing and small and self._probe_steps < self.SMALL_PROBE_STEPS - 1:
             self._probe_steps += 1
+            return lengths
+        if self.cost.count < self.WARMUP_STEPS:  # the cost model has seen a prefill and a few steps: no verdict
             return lengths
         self._probe_steps = 0
         if self.net_ratio <= self.MIN_NET_RATIO:
