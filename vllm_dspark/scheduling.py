@@ -455,7 +455,7 @@ def _ece_rows(p: np.ndarray, y: np.ndarray, num_bins: int) -> np.ndarray:
 
 
 def fit_sequential_temperature(
-    z, accepted_len, num_bins: int = 10, drafted=None, grid=None
+    z, accepted_len, num_bins: int = 10, drafted=None, grid=None, min_reached: int = 30
 ) -> np.ndarray:
     """Per-position temperatures t_1..t_K by sequential temperature scaling.
 
@@ -470,8 +470,11 @@ def fit_sequential_temperature(
         num_bins:     ECE bins.
         drafted:      [N] drafts per round (default K); position k is fitted only on rounds with drafted >= k.
         grid:         candidate temperatures (default 200 log-spaced points in [0.05, 20]).
+        min_reached:  a position reached (its predecessors accepted) by fewer rounds keeps 1.0: with a handful
+                      of rounds the ECE is noise and the best temperature lands on the grid's bounds
+                      (SmolLM2's drafter: 0.05 and 20 at positions 5-7, reached by < 10 of ~1000 rounds).
     Returns:
-        [K] temperatures (1.0 for a position no round reached).
+        [K] temperatures (1.0 for a position too few rounds reached).
     """
     zz = _to_numpy(z)
     if zz.ndim != 2:
@@ -490,7 +493,7 @@ def fit_sequential_temperature(
     prefix = np.ones(n)  # a_{k-1} per round with the temperatures fitted so far
     for k in range(k_max):
         m = dr >= k + 1
-        if m.any():
+        if int((m & (acc >= k)).sum()) >= min_reached:
             y = (acc[m] >= k + 1).astype(np.float64)
             zk, pk = zz[m, k], prefix[m]
             # Chunk the grid so the [G, N] matrix stays small for large N.

@@ -281,6 +281,13 @@ def test_sts_leaves_calibrated_logits_near_one_and_respects_drafted():
     drafted = np.minimum(2, rng.integers(1, 4, size=z.shape[0]))
     temps2 = fit_sequential_temperature(z * 3.0, np.minimum(acc, drafted), drafted=drafted)
     assert temps2[2] == 1.0 and temps2[0] > 2.0
+    # A position few rounds reach keeps 1.0 (the fit would land on the grid's bounds); with the floor
+    # lowered the same rounds give a temperature far from 1.
+    sparse_acc = np.minimum(acc, 1)
+    sparse_acc[:12] = 3  # 12 rounds reach position 3 (and 2)
+    rare = fit_sequential_temperature(z * 3.0, sparse_acc)
+    assert rare[2] == 1.0 and rare[0] > 2.0
+    assert fit_sequential_temperature(z * 3.0, sparse_acc, min_reached=1)[2] != 1.0
 
 
 def test_apply_temperature_numpy_and_torch_agree():

@@ -51,6 +51,7 @@ def snapshot(proposer: Any) -> dict[str, Any]:
         "accepted_at": list(s.accepted_at), "length_hist": {str(k): v for k, v in s.length_hist.items()},
         "draft_seconds": s.draft_seconds + s.ingest_seconds, "steps": s.steps, "faults": s.faults,
         "skipped_no_context": s.skipped_gap, "active_requests": proposer.num_active_requests,
+        "lookup_rounds": s.lookup_rounds, "lookup_drafted": s.lookup_drafted, "lookup_accepted": s.lookup_accepted,
     }
 
 
@@ -97,7 +98,7 @@ def read_metrics(directory: str | Path | None = None) -> dict[str, Any]:
     directory = Path(directory or os.environ.get(METRICS_DIR_ENV) or "")
     total: dict[str, Any] = {"rounds": 0, "drafted_at": [], "accepted_at": [], "length_hist": {},
                              "draft_seconds": 0.0, "steps": 0, "faults": 0, "skipped_no_context": 0,
-                             "active_requests": 0}
+                             "active_requests": 0, "lookup_rounds": 0, "lookup_drafted": 0, "lookup_accepted": 0}
     if not directory.is_dir():
         return total
     for file in directory.glob("*.json"):
@@ -107,8 +108,9 @@ def read_metrics(directory: str | Path | None = None) -> dict[str, Any]:
             continue
         if not _ours(int(snap.get("pid", -1))):
             continue
-        for key in ("rounds", "draft_seconds", "steps", "faults", "skipped_no_context", "active_requests"):
-            total[key] += snap[key]
+        for key in ("rounds", "draft_seconds", "steps", "faults", "skipped_no_context", "active_requests",
+                    "lookup_rounds", "lookup_drafted", "lookup_accepted"):
+            total[key] += snap.get(key, 0)
         for key in ("drafted_at", "accepted_at"):
             vals = snap[key]
             total[key] += [0] * (len(vals) - len(total[key]))
@@ -157,6 +159,12 @@ class DSparkCollector:
                                   value=m["faults"])
         yield CounterMetricFamily("vllm_dspark:skipped_no_context", "Proposals skipped: no complete context",
                                   value=m["skipped_no_context"])
+        yield CounterMetricFamily("vllm_dspark:lookup_rounds", "Verification rounds of prompt-lookup drafts",
+                                  value=m["lookup_rounds"])
+        yield CounterMetricFamily("vllm_dspark:lookup_drafted_tokens", "Verified prompt-lookup draft tokens",
+                                  value=m["lookup_drafted"])
+        yield CounterMetricFamily("vllm_dspark:lookup_accepted_tokens", "Accepted prompt-lookup draft tokens",
+                                  value=m["lookup_accepted"])
 
 
 def install() -> None:
