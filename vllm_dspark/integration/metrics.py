@@ -148,23 +148,25 @@ class DSparkCollector:
         for k, v in sorted(m["length_hist"].items(), key=lambda kv: int(kv[0])):
             lengths.add_metric([k], v)
         yield lengths
-        yield CounterMetricFamily("vllm_dspark:rounds", "Verification rounds", value=m["rounds"])
-        yield CounterMetricFamily("vllm_dspark:draft_seconds", "Drafter seconds", value=m["draft_seconds"])
-        yield CounterMetricFamily("vllm_dspark:draft_steps", "Engine steps seen by the drafter", value=m["steps"])
+        for name, doc, key in COUNTERS:
+            yield CounterMetricFamily(f"vllm_dspark:{name}", doc, value=m[key])
         yield GaugeMetricFamily("vllm_dspark:drafter_ms_per_step", "Mean drafter milliseconds per step",
                                 value=1000.0 * m["draft_seconds"] / m["steps"] if m["steps"] else 0.0)
         yield GaugeMetricFamily("vllm_dspark:active_requests", "Requests holding drafter context",
                                 value=m["active_requests"])
-        yield CounterMetricFamily("vllm_dspark:drafter_faults", "Drafter failures (steps without speculation)",
-                                  value=m["faults"])
-        yield CounterMetricFamily("vllm_dspark:skipped_no_context", "Proposals skipped: no complete context",
-                                  value=m["skipped_no_context"])
-        yield CounterMetricFamily("vllm_dspark:lookup_rounds", "Verification rounds of prompt-lookup drafts",
-                                  value=m["lookup_rounds"])
-        yield CounterMetricFamily("vllm_dspark:lookup_drafted_tokens", "Verified prompt-lookup draft tokens",
-                                  value=m["lookup_drafted"])
-        yield CounterMetricFamily("vllm_dspark:lookup_accepted_tokens", "Accepted prompt-lookup draft tokens",
-                                  value=m["lookup_accepted"])
+
+
+# (metric name, help, read_metrics key) of the plain counters
+COUNTERS = [
+    ("rounds", "Verification rounds", "rounds"),
+    ("draft_seconds", "Drafter seconds", "draft_seconds"),
+    ("draft_steps", "Engine steps seen by the drafter", "steps"),
+    ("drafter_faults", "Drafter failures (steps without speculation)", "faults"),
+    ("skipped_no_context", "Proposals skipped: no complete context", "skipped_no_context"),
+    ("lookup_rounds", "Verification rounds of prompt-lookup drafts", "lookup_rounds"),
+    ("lookup_drafted_tokens", "Verified prompt-lookup draft tokens", "lookup_drafted"),
+    ("lookup_accepted_tokens", "Accepted prompt-lookup draft tokens", "lookup_accepted"),
+]
 
 
 def install() -> None:
