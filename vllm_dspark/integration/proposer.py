@@ -487,7 +487,10 @@ class DSparkProposer:
     # No verdict before the target's cost model has this many steps: fitted on a prefill and a step or two
     # it underestimated a decode step ~3x on SmolLM2 and paused every engine's first 40 steps at concurrency 1.
     WARMUP_STEPS = 16
-    SMALL_PROBE_STEPS = 8  # steps a batch of at most PROBE_ROWS drafts after a pause before the next verdict
+    # Batches of at most SMALL_BATCH requests draft SMALL_PROBE_STEPS steps after a pause before the next verdict
+    # and keep their running average (bench, SmolLM2: with batches up to 4 counted small, c=4 fell to 0.92x).
+    SMALL_BATCH = 2
+    SMALL_PROBE_STEPS = 8
     NET_RATIO_ALPHA = 0.05  # weight of one request's drafting step in the running average of its payoff
     # Keep drafting only while it is predicted to pay at least this much (tokens/s with drafting / without):
     # near break-even the gain is within the cost model's error, and drafting also costs what the model does
@@ -537,7 +540,7 @@ class DSparkProposer:
         # running average, which a single step moves little: it drafts SMALL_PROBE_STEPS steps before a verdict
         # (a verdict on the first step's ratio alone followed that one block's confidence: at concurrency 1 the
         # shipped drafter then paused in 2 of 3 steps although drafting paid +26% where it ran).
-        small = batch <= self.PROBE_ROWS
+        small = batch <= self.SMALL_BATCH
         fresh = probe or self.net_ratio is None or (self._pause.probing and not small)
         # One step's ratio averages over its requests: weigh it by the batch (a big batch's verdict is firm, and
         # drafting it at a loss is costly), a single request's by 1/20.
