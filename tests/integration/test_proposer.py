@@ -147,7 +147,7 @@ def test_prompt_lookup_drafts_stay_lossless_and_are_counted(vllm_env, drafters, 
     prompts = [SHARED + "and the water was good and the day was long and the water was"] + _prompts(3)
     base = _generate(_llm(target, enable_prefix_caching=False), prompts, max_tokens=32)
     gc.collect()
-    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"lookup": True, "mode": mode})
+    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"lookup": True, "mode": mode, "lookup_max_batch": 8})
     spec = _generate(llm, prompts, max_tokens=32)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
     prop = _proposer(llm)

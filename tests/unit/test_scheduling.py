@@ -543,6 +543,21 @@ def test_prompt_lookup_rows_are_planned_with_their_measured_acceptance():
     assert prop._plan(None, [10], 4, 0.0001, batch=1, lookup=[3]) == [0]
 
 
+def test_prompt_lookup_only_in_small_all_greedy_batches():
+    from vllm_dspark.integration.proposer import DSparkSettings
+
+    prop = _bare_proposer()
+    prop.settings = DSparkSettings(drafter="d", lookup=True, lookup_max_batch=2)
+    prop._budget = 4
+    text = np.array([[5, 1, 2, 3, 9, 8, 7, 6, 1, 2, 3]] * 3)
+    n = np.array([11, 11, 11])
+    assert prop._lookup([0, 1], [0.0, 0.0], n, text) == {0: [9, 8, 7, 6], 1: [9, 8, 7, 6]}
+    assert prop._lookup([0, 1, 2], [0.0] * 3, n, text) == {}  # a batch of 3: the drafter serves it
+    assert prop._lookup([0, 1], [0.0, 0.7], n, text) == {}  # a sampled request: q for all rows or none
+    prop.settings = DSparkSettings(drafter="d", lookup=False)
+    assert prop._lookup([0], [0.0], n, text) == {}
+
+
 def test_a_big_batch_weighs_its_verdict_by_its_size():
     """Under load one step averages over many requests, and drafting at a loss is costly: two losing steps of a
     16-request batch pause drafting (a single request needs a long run of them, above)."""

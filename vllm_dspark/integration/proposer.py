@@ -69,6 +69,9 @@ class DSparkSettings:
     lookup: bool = False
     lookup_min: int = 2
     lookup_max: int = 4
+    # ... only in batches of at most this many requests: under load its drafts cost more than they save on CPU
+    # (bench, SmolLM2: c=1 1.43x; with lookup at every batch size c=16 0.95x and c=32 0.97x vs 1.01 and 1.00).
+    lookup_max_batch: int = 2
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
     record: bool = False
@@ -94,7 +97,7 @@ class DSparkSettings:
                 raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
         if not isinstance(s.lookup, bool):
             raise DSparkConfigError(f'additional_config["dspark"]["lookup"]={s.lookup!r}: expected true or false')
-        for name in ("lookup_min", "lookup_max"):
+        for name in ("lookup_min", "lookup_max", "lookup_max_batch"):
             value = getattr(s, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
@@ -450,7 +453,8 @@ class DSparkProposer:
                 token_ids: np.ndarray | None) -> dict[int, list[int]]:
         """Prompt-lookup drafts {index into rows: tokens} for the rows whose text has a match. Only in all-greedy
         batches: vLLM's rejection sampler takes the drafter's q for every drafting request or for none."""
-        if not self.settings.lookup or token_ids is None or any(t > 0 for t in temps):
+        if (not self.settings.lookup or token_ids is None or any(t > 0 for t in temps)
+                or len(rows) > self.settings.lookup_max_batch):
             return {}
         k = min(self.num_spec_tokens, self._budget)
         looked = {}
