@@ -30,6 +30,7 @@ __all__ = [
     "CALIBRATION_FILE",
     "BlockPlan",
     "CostTable",
+    "PayoffMeter",
     "apply_temperature",
     "choose_block_lengths",
     "fit_sequential_temperature",
@@ -434,6 +435,78 @@ class DraftPause:
 
     def worth_it(self) -> None:
         self.until, self.interval, self.probing = 0, self.base, False
+
+
+class PayoffMeter:
+    """What drafting pays, measured: tokens per second of whole engine steps that draft against steps that do
+    not, per batch size (requests decoding). The ratio of the two corrects the cost model's predicted payoff,
+    whose errors (the target's step time is neither linear nor the same with and without drafts on a CPU; the
+    drafter's own bookkeeping) are of the size of the gain near break-even.
+
+    Sums decay with ``half_life`` steps of their kind. ``correction(b)`` = measured ratio / the mean predicted
+    ratio over the same drafting steps, once ``min_draft`` drafting and ``min_plain`` plain steps of batch b
+    were seen (None before), clipped to [1/``clip``, ``clip``]. ``wants_plain(b, step)``: enough drafting steps
+    of batch b but too few plain ones (never measured, or last measured ``refresh`` steps ago): the caller should
+    pause for ``min_plain`` steps to measure them.
+    """
+
+    def __init__(self, max_batch: int = 8, half_life: float = 256.0, min_draft: int = 32, min_plain: int = 16,
+                 refresh: int = 4096, clip: float = 2.0):
+        if max_batch < 1 or min_draft < 1 or min_plain < 1 or half_life <= 0 or clip < 1:
+            raise ValueError("PayoffMeter: expected max_batch, min_draft, min_plain >= 1, half_life > 0, clip >= 1")
+        self.max_batch, self.min_draft, self.min_plain = max_batch, min_draft, min_plain
+        self.refresh, self.clip = refresh, clip
+        self.decay = 0.5 ** (1.0 / half_life)
+        # batch -> [n, tokens, seconds, predicted ratio sum] for drafting (0) and plain (1) steps
+        self._sums: dict[int, list[list[float]]] = {}
+        self._seen: dict[int, list[int]] = {}  # batch -> [drafting, plain] steps observed
+        self._plain_step: dict[int, int] = {}  # batch -> the step whose plain measurement last came in
+
+    def observe(self, batch: int, drafting: bool, tokens: int, seconds: float, predicted: float | None = None,
+                step: int = 0) -> None:
+        """One decode step (no prefill in it) of ``batch`` requests that emitted ``tokens`` in ``seconds``
+        (start to next start); a drafting step also gives the payoff the model predicted for it."""
+        if not 1 <= batch <= self.max_batch or not (seconds > 0 and math.isfinite(seconds)):
+            return
+        if drafting and predicted is None:
+            return
+        sums = self._sums.setdefault(batch, [[0.0] * 4, [0.0] * 4])[0 if drafting else 1]
+        d = self.decay
+        for i, x in enumerate((1.0, float(tokens), float(seconds), float(predicted or 0.0))):
+            sums[i] = d * sums[i] + x
+        self._seen.setdefault(batch, [0, 0])[0 if drafting else 1] += 1
+        if not drafting:
+            self._plain_step[batch] = step
+
+    def count(self, batch: int) -> tuple[int, int]:
+        """(drafting, plain) steps measured at ``batch``."""
+        d, p = self._seen.get(batch, (0, 0))
+        return d, p
+
+    def measured(self, batch: int) -> float | None:
+        """Measured tokens/s of drafting steps / of plain steps at ``batch`` (None before enough of each)."""
+        n_d, n_p = self.count(batch)
+        if n_d < self.min_draft or n_p < self.min_plain:
+            return None
+        d, p = self._sums[batch]
+        return (d[1] / d[2]) / (p[1] / p[2])
+
+    def correction(self, batch: int) -> float | None:
+        m = self.measured(batch)
+        if m is None:
+            return None
+        d = self._sums[batch][0]
+        predicted = d[3] / d[0]
+        if predicted <= 0:
+            return None
+        return min(self.clip, max(1.0 / self.clip, m / predicted))
+
+    def wants_plain(self, batch: int, step: int) -> bool:
+        if not 1 <= batch <= self.max_batch:
+            return False
+        n_d, n_p = self.count(batch)
+        stale = step - self._plain_step.get(batch, step) > self.refresh
+        return n_d >= self.min_draft and (n_p < self.min_plain or stale)
 
 
 # --------------------------------------------------------------------------------------------------------

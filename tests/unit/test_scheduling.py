@@ -430,7 +430,7 @@ def test_draft_pause_and_probe_settings_are_checked():
 def _bare_proposer(k: int = 4):
     """A DSparkProposer with only the state ``_plan`` reads (no engine, no drafter)."""
     from vllm_dspark.integration.proposer import DSparkProposer, ProposerStats
-    from vllm_dspark.scheduling import LinearCost
+    from vllm_dspark.scheduling import LinearCost, PayoffMeter
 
     prop = DSparkProposer.__new__(DSparkProposer)
     prop.calibration, prop.max_model_len, prop.num_spec_tokens, prop._g = None, 10_000, k, k
@@ -439,6 +439,9 @@ def _bare_proposer(k: int = 4):
         prop.cost.observe(16, 0.1)  # a 16-token step takes 0.1 s
     prop._pause, prop.stats, prop.step_overhead, prop.net_ratio = DraftPause(32, 1024), ProposerStats(), 0.0, None
     prop._probe_steps = 0
+    prop.draft_rest, prop.plain_rest, prop._timing = LinearCost(overhead_tokens=4.0), None, None
+    prop.payoff, prop._last_ratio, prop._batch_req_ids = PayoffMeter(), None, [f"r{i}" for i in range(k)]
+    prop._payoff_logged = set()
     prop.stats.steps = 100
     return prop
 
@@ -474,6 +477,33 @@ def test_engine_overhead_per_step_favours_drafting():
     prop.step_overhead = 0.2
     assert prop._plan(half, [10], 4, 0.05, batch=1)[0] >= lengths[0]  # a longer step: longer blocks pay
     assert prop._pause.until == 0 and prop.net_ratio > 1
+
+
+def test_measured_step_periods_decide_where_the_pieces_timed_miss_a_cost():
+    """Steps timed whole (start to next start): a drafting step's rest (period - forward - drafter) that the
+    forward and drafter timings do not see makes drafting not pay; the same rest in plain steps does not."""
+    from vllm_dspark.integration.proposer import _StepTiming
+
+    half = torch.zeros(4, 4)
+    prop = _bare_proposer()
+    prop.step_overhead = 0.01
+    for _ in range(40):
+        prop._plan(half, [10] * 4, 4, 0.005, batch=4)
+    assert prop._pause.until == 0 and prop.net_ratio > 1  # forward + drafter alone: drafting pays
+    t = 1000.0
+    for drafts in (True, False):  # drafting steps: 0.1 s forward, 5 ms drafter, 60 ms more; plain: 10 ms more
+        for _ in range(8):
+            prop._timing = _StepTiming(t, 0.1, 4, 4, verified=drafts, prefill=True, drafter=0.005 * drafts)
+            t += 0.1 + (0.065 if drafts else 0.01)
+            prop._observe_period(t)
+    assert prop._overheads(4) == (pytest.approx(0.06), pytest.approx(0.01))
+    for _ in range(40):
+        prop._plan(half, [10] * 4, 4, 0.005, batch=4)
+    assert prop._pause.until > 0 and prop.net_ratio < 1
+    # An idle engine between two generate() calls is not a step's cost: the rest is clamped to the forward.
+    prop._timing = _StepTiming(t, 0.1, 4, 4, verified=False, prefill=True)
+    prop._observe_period(t + 3600.0)
+    assert prop.plain_rest <= 0.1
 
 
 def test_one_unlucky_block_does_not_pause_drafting():
@@ -586,3 +616,65 @@ def test_requests_without_context_are_counted_and_the_first_few_logged(caplog):
     assert lines[0] == ("vllm-dspark: request a does not draft: its drafter context has 5 rows, 9 expected "
                         "(vLLM's prefix cache served its first 64 tokens)")
     assert lines[1].startswith("vllm-dspark: request b does not draft") and "were not delivered" in lines[1]
+
+
+def test_payoff_meter_measures_drafting_against_plain_steps_per_batch():
+    from vllm_dspark.scheduling import PayoffMeter
+
+    meter = PayoffMeter(max_batch=4, min_draft=8, min_plain=4, refresh=100)
+    for i in range(8):  # drafting at batch 4: 6 tokens per 0.15 s = 40 tok/s; the model predicted 1.2x
+        meter.observe(4, True, 6, 0.15, predicted=1.2, step=i)
+        assert meter.correction(4) is None  # no plain steps yet
+    assert meter.wants_plain(4, 8) and not meter.wants_plain(3, 8)  # only where drafting was measured
+    for i in range(4):  # plain: 4 tokens per 0.1 s = 40 tok/s
+        meter.observe(4, False, 4, 0.1, step=10 + i)
+    assert meter.measured(4) == pytest.approx(1.0)
+    assert meter.correction(4) == pytest.approx(1.0 / 1.2)
+    assert not meter.wants_plain(4, 50) and meter.wants_plain(4, 114 + 1)  # stale after `refresh` steps
+    meter.observe(4, True, 6, 0.15)  # a drafting step without a prediction is not counted
+    meter.observe(9, False, 9, 0.1)  # beyond max_batch: not measured
+    assert meter.count(4) == (8, 4) and meter.count(9) == (0, 0)
+    for _ in range(200):  # drafting steps 4x faster: the correction is clipped
+        meter.observe(4, True, 24, 0.15, predicted=1.0)
+    assert meter.correction(4) == pytest.approx(meter.clip)
+    with pytest.raises(ValueError, match="PayoffMeter"):
+        PayoffMeter(min_plain=0)
+
+
+def test_measured_payoff_overrides_the_predicted_one(caplog):
+    """The model predicts that drafting pays at batch 4; the whole steps measured say it loses 10%: pause. First
+    it pauses (base interval, no growth) to measure plain steps it has never seen."""
+    from vllm_dspark.integration.proposer import _StepTiming
+
+    confident = torch.full((4, 4), 0.5)
+    prop = _bare_proposer()
+    prop.step_overhead = 0.05
+    for _ in range(40):
+        prop._plan(confident, [10] * 4, 4, 0.005, batch=4)
+    assert prop._pause.until == 0 and 1.2 < prop.net_ratio < 1.8
+    t = 0.0
+    for drafting in [True] * prop.payoff.min_draft:
+        prop._timing = _StepTiming(t, 0.1, 4, 5, verified=True, prefill=False, predicted=prop.net_ratio)
+        t += 0.125
+        prop._observe_period(t)
+    prop.stats.steps = 200
+    prop._plan(confident, [10] * 4, 4, 0.005, batch=4)
+    assert (prop._pause.until, prop._pause.interval) == (200 + 32, 32)  # a plain window to measure
+    for _ in range(prop.payoff.min_plain):  # plain steps: 4 tokens per 0.09 s = 44.4 tok/s vs 40 drafting
+        prop._timing = _StepTiming(t, 0.09, 4, 4, verified=False, prefill=False)
+        t += 0.09
+        prop._observe_period(t)
+    assert prop.payoff.measured(4) == pytest.approx(0.9)
+    prop.stats.steps = 240
+    with caplog.at_level("INFO", logger="vllm_dspark"):
+        prop._plan(confident, [10] * 4, 4, 0.005, batch=4)
+    assert prop._pause.until == 240 + 32  # measured: drafting loses
+    predicted = prop.payoff.measured(4) / prop.payoff.correction(4)
+    assert [r.getMessage() for r in caplog.records] == [
+        "vllm-dspark: measured at 4 requests: drafting steps 0.90x the tokens/s of plain steps (the cost model "
+        f"predicted {predicted:.2f}x); later pause verdicts are corrected by that"]
+    # Without the measurement the same plan keeps drafting.
+    prop.payoff = type(prop.payoff)()
+    prop.stats.steps = 300
+    prop._plan(confident, [10] * 4, 4, 0.005, batch=4)
+    assert prop._pause.until == 0

@@ -26,8 +26,8 @@ import torch
 from ..checkpoint import load_drafter, read_weights, validate_weights
 from ..config import DSparkConfig, DSparkConfigError
 from ..context import ContextGapError, ContextStore, PrefixCache
-from ..scheduling import (CALIBRATION_FILE, DraftPause, LinearCost, apply_temperature, load_calibration,
-                          plan_block_lengths)
+from ..scheduling import (CALIBRATION_FILE, DraftPause, LinearCost, PayoffMeter, apply_temperature,
+                          load_calibration, plan_block_lengths)
 from ..drafting import draft_block
 from ..lookup import LookupStats, prompt_lookup
 from . import compat, metrics
@@ -115,6 +115,22 @@ class DSparkSettings:
             raise DSparkConfigError(f'additional_config["dspark"]["head_dtype"]={s.head_dtype!r}: '
                                     'expected auto|same|float32|bfloat16|float16')
         return s
+
+
+@dataclass
+class _StepTiming:
+    """One engine step as the proposer times it (start = the runner's state update, forward until ingest)."""
+
+    start: float
+    forward: float
+    batch: int  # requests in the step
+    tokens: int  # tokens it emitted
+    verified: bool  # it verified drafts
+    prefill: bool  # a prompt chunk was part of it
+    predicted: float | None = None  # payoff the model predicted for its drafts
+    drafter: float = 0.0  # drafter seconds, when it drafted for the next step
+    drafted: bool = False
+    probe: bool = False  # it drafted a sample of the batch after a pause
 
 
 @dataclass
@@ -209,6 +225,18 @@ class DSparkProposer:
         self.step_overhead = 0.0
         self._step_end: float | None = None  # when our part of the previous step ended
         self._last_forward = 0.0
+        # Whole engine step periods (start to next start) less the forward and the drafter: what else a step
+        # costs, measured apart for steps that draft or verify drafts (bookkeeping, projecting context rows, the
+        # engine's handling of drafts; vs requests in the batch) and for plain steps. The pieces timed above
+        # miss part of it: at concurrency 4 on SmolLM2 a drafting step took 13 ms more than forward + drafter +
+        # overhead (a plain one 2 ms), and the pause verdict saw drafting pay where it lost 5%.
+        self.draft_rest = LinearCost(overhead_tokens=4.0)
+        self.plain_rest: float | None = None  # EMA over plain steps
+        self._timing: _StepTiming | None = None  # the step in progress
+        # The same whole steps as tokens/s, drafting vs plain, per batch size: corrects the predicted payoff.
+        self.payoff = PayoffMeter()
+        self._last_ratio: float | None = None  # the payoff predicted for the drafts planned last
+        self._payoff_logged: set[int] = set()  # batch sizes whose measured payoff was logged
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
         self._looked_up: set[str] = set()  # requests whose pending drafts came from prompt lookup
         self.lookup_stats = LookupStats(self.num_spec_tokens)
@@ -255,6 +283,8 @@ class DSparkProposer:
             gap = min(now - self._step_end, self._last_forward)
             self.step_overhead = gap if self.step_overhead == 0.0 else 0.9 * self.step_overhead + 0.1 * gap
             self._step_end = None
+        if self._timing is not None:
+            self._observe_period(now)
         if self.store is None:
             return
         for r in req_ids:
@@ -284,6 +314,12 @@ class DSparkProposer:
         if self._step_t0 is not None:
             self._last_forward = t0 - self._step_t0
             self.cost.observe(int(step.query_start_loc[-1]), self._last_forward)
+            sizes = np.diff(np.asarray(step.query_start_loc))
+            drafts = list(step.num_draft_tokens) + [0] * (len(sizes) - len(step.num_draft_tokens))
+            self._timing = _StepTiming(
+                self._step_t0, self._last_forward, len(step.req_ids), sum(len(s) for s in sampled_token_ids),
+                verified=any(n > 0 for n in drafts), prefill=any(q > 1 + n for q, n in zip(sizes, drafts)),
+                predicted=self._last_ratio)
             self._step_t0 = None
         feats = torch.cat(step.aux_hidden_states, dim=-1)  # [T, L*Ht]
         rows = []
@@ -530,7 +566,7 @@ class DSparkProposer:
         probe = batch > r
         if probe:
             survival, caps = np.resize(survival, (batch, survival.shape[1])), np.resize(caps, batch)
-        overhead = self.step_overhead
+        overhead, plain_overhead = self._overheads(batch)
         plan = plan_block_lengths(survival, lambda b: 1.0 / (self.cost.seconds(b) + overhead), caps, scan=True)
         lengths = plan.lengths.tolist()
         # Draft no more positions next step than could be chosen now, +2 to grow back when load falls: a block
@@ -539,7 +575,7 @@ class DSparkProposer:
         self._g = max(1, min(self.num_spec_tokens, max(lengths, default=0) + 2))
         drafter_seconds = self.draft_cost.seconds(batch * n_drafter // r) if n_drafter else 0.0
         with_drafts = plan.expected_tokens / (self.cost.seconds(plan.num_tokens) + overhead + drafter_seconds)
-        ratio = with_drafts * (self.cost.seconds(batch) + overhead) / batch  # vs not speculating
+        ratio = with_drafts * (self.cost.seconds(batch) + plain_overhead) / batch  # vs not speculating
         # After a pause a big batch's probe stands alone (the load may have changed); a small batch keeps its
         # running average, which a single step moves little: it drafts SMALL_PROBE_STEPS steps before a verdict
         # (a verdict on the first step's ratio alone followed that one block's confidence: at concurrency 1 the
@@ -550,17 +586,53 @@ class DSparkProposer:
         # drafting it at a loss is costly), a single request's by 1/20.
         alpha = min(1.0, self.NET_RATIO_ALPHA * batch)
         self.net_ratio = ratio if fresh else (1 - alpha) * self.net_ratio + alpha * ratio
+        if self._timing is not None:  # this step drafts: its period counts as a drafting step's
+            t = self._timing
+            t.drafter, t.drafted, t.probe, t.predicted = draft_seconds, True, probe, ratio
+        self._last_ratio = None if probe else ratio
         if self._pause.probing and small and self._probe_steps < self.SMALL_PROBE_STEPS - 1:
             self._probe_steps += 1
             return lengths
         if self.cost.count < self.WARMUP_STEPS:  # the cost model has seen a prefill and a few steps: no verdict
             return lengths
         self._probe_steps = 0
-        if self.net_ratio <= self.MIN_NET_RATIO:
+        requests = len(self._batch_req_ids)
+        if self.payoff.wants_plain(requests, self.stats.steps):  # measure plain steps of this batch size
+            self._pause.not_worth_it(self.stats.steps, batch, grow=False)
+            return [0] * r if probe else lengths
+        correction = self.payoff.correction(requests)
+        if correction is not None and requests not in self._payoff_logged:
+            self._payoff_logged.add(requests)
+            logger.info("vllm-dspark: measured at %d requests: drafting steps %.2fx the tokens/s of plain steps "
+                        "(the cost model predicted %.2fx); later pause verdicts are corrected by that",
+                        requests, self.payoff.measured(requests), self.payoff.measured(requests) / correction)
+        if self.net_ratio * (correction or 1.0) <= self.MIN_NET_RATIO:
             self._pause.not_worth_it(self.stats.steps, batch, grow=batch > self.PROBE_ROWS)
         else:
             self._pause.worth_it()
         return [0] * r if probe else lengths
+
+    REST_MIN_STEPS = 4  # measured step rests are used once this many steps of the kind were seen
+
+    def _observe_period(self, now: float) -> None:
+        """Fold in the step timed by ``self._timing``, which ended at ``now`` (the next step's start)."""
+        t, self._timing = self._timing, None
+        # Clamped: an idle engine between two generate() calls is not a step's cost.
+        rest = min(now - t.start - t.forward - t.drafter, t.forward)
+        drafting = t.verified or t.drafted
+        if drafting:
+            self.draft_rest.observe(t.batch, max(rest, 1e-6))
+        else:
+            self.plain_rest = rest if self.plain_rest is None else 0.9 * self.plain_rest + 0.1 * rest
+        if not (t.prefill or t.probe):
+            self.payoff.observe(t.batch, drafting, t.tokens, t.forward + t.drafter + rest, t.predicted,
+                                self.stats.steps)
+
+    def _overheads(self, batch: int) -> tuple[float, float]:
+        """Seconds a step costs besides the target's forward (and the drafter): (drafting step, plain step)."""
+        plain = self.step_overhead if self.plain_rest is None else max(self.plain_rest, 0.0)
+        drafting = self.draft_rest.seconds(batch) if len(self.draft_rest) >= self.REST_MIN_STEPS else plain
+        return drafting, plain
 
     def _dense_q(self, block, b: int) -> torch.Tensor:
         """q as [B, K, V] float32 rows (top-k q scattered into zeros)."""
