@@ -238,3 +238,10 @@ def test_inference_head_copy_in_bfloat16_matches_the_lm_head_to_bfloat16_precisi
     assert 0 < err < 0.02 * exact.abs().max().item()  # bfloat16 rounding, not a different head
     d.set_head_dtype(None)
     assert torch.equal(d.base_logits(h), exact)
+    # The plugin releases lm_head's own weight once the copy exists: same logits, no float32 head left.
+    d.set_head_dtype(torch.bfloat16, release=True)
+    assert d.lm_head.weight.numel() == 0 and torch.equal(d.base_logits(h), fast)
+    d.set_head_dtype(torch.float32)  # derived from the bfloat16 copy now: bfloat16 weights, float32 rows
+    assert 0 < (d.base_logits(h) - exact).abs().max().item() <= err
+    with pytest.raises(RuntimeError, match=r"set_head_dtype\(None\): lm_head's weight was released"):
+        d.set_head_dtype(None)

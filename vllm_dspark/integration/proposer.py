@@ -264,7 +264,7 @@ class DSparkProposer:
         self.drafter = load_drafter(self.settings.drafter, source, dtype=dtype, device=device)
         head = self.settings.head_dtype
         head_dtype = dtypes.get(head, torch.bfloat16 if head == "auto" and device.type == "cpu" else None)
-        self.drafter.set_head_dtype(head_dtype)
+        self.drafter.set_head_dtype(head_dtype, release=True)
         prefix = None
         if self._prefix_block_size:
             row_bytes = 2 * self.drafter.fc.weight.element_size() * self.cfg.num_hidden_layers * \

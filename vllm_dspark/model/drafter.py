@@ -111,15 +111,30 @@ class DSparkDrafter(nn.Module):
             return (h.to(self._head_t.dtype) @ self._head_t).float()
         return self.lm_head(h).float()
 
-    def set_head_dtype(self, dtype: torch.dtype | None) -> None:
+    def set_head_dtype(self, dtype: torch.dtype | None, release: bool = False) -> None:
         """Inference only: compute the base logits from a transposed copy of the LM head in ``dtype`` (None:
         the plain ``lm_head``). On CPU the draft block's LM head reads Vd x H weights for a handful of rows:
         memory-bound, and its weights no longer sit in cache after a target step. Measured on an AVX2 CPU with
         cold caches, [7, 576] x [576, 8192]: float32 ``lm_head`` 4.8 ms, float32 transposed 2.7 ms, bfloat16
         transposed 1.0 ms (a third of the drafter's time at concurrency 1). The target's LM head weights are
         bfloat16 in most checkpoints, so bfloat16 loses nothing there; the logits get bfloat16's precision,
-        which may reorder near-ties among drafts (verification keeps the output exact either way)."""
-        self._head_t = None if dtype is None else self.lm_head.weight.detach().t().to(dtype).contiguous()
+        which may reorder near-ties among drafts (verification keeps the output exact either way).
+
+        ``release``: free ``lm_head``'s own weight once the copy exists (inference never reads it again): the
+        float32 head of a full-vocabulary drafter on a large target is GBs (152k x 2560: 1.5 GB). A later call
+        then derives from the copy, and ``None`` (back to ``lm_head``) is refused."""
+        weight = self.lm_head.weight
+        released = weight.numel() == 0
+        if dtype is None:
+            if released:
+                raise RuntimeError("set_head_dtype(None): lm_head's weight was released by an earlier "
+                                   "set_head_dtype(..., release=True); reload the drafter to use it")
+            self._head_t = None
+            return
+        source = self._head_t if released else weight.detach().t()
+        self._head_t = source.to(dtype).contiguous()
+        if release and not released:
+            weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
 
     # ------------------------------------------------------------------ weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
