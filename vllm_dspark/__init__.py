@@ -92,11 +92,25 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    use_vllm_log_handlers()
     if _vllm_version_ok():
         for module_name in _INSTALLERS:
             if importlib.util.find_spec(module_name) is not None:
                 importlib.import_module(module_name).install()
     _record_registration()
+
+
+def use_vllm_log_handlers() -> None:
+    """Send this package's log records ("vllm_dspark") to vLLM's handlers, at vLLM's level, when nothing else
+    configured logging: vLLM's own logger does not propagate, so without this our INFO lines (drafter loaded,
+    measured payoff) go nowhere and warnings print without vLLM's format. An application or test that set up
+    the root logger keeps receiving them there instead."""
+    ours, theirs = logging.getLogger("vllm_dspark"), logging.getLogger("vllm")
+    if ours.handlers or logging.getLogger().handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
 
 
 def registered() -> bool:

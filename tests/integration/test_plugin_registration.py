@@ -147,3 +147,34 @@ def test_vllm_calls_register_in_the_engine_core_process(tiny_llama_dir, tmp_path
     children = [p for p in pids if p != result["pid"]]
     assert children, f"only the main process ({result['pid']}) registered: {pids}"
     assert len(set(pids)) == len(pids)  # each process exactly once
+
+
+def test_log_records_reach_vllms_handlers_unless_the_root_logger_is_configured(monkeypatch):
+    """vLLM's logger does not propagate: without the root logger configured, ours uses vLLM's handlers."""
+    import logging
+
+    import vllm_dspark
+
+    root, ours, theirs = logging.getLogger(), logging.getLogger("vllm_dspark"), logging.getLogger("vllm")
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    level = ours.level
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(theirs, "handlers", [Collect()])
+    try:
+        theirs_level, theirs.level = theirs.level, logging.INFO
+        monkeypatch.setattr(root, "handlers", [logging.NullHandler()])  # an application configured logging
+        vllm_dspark.use_vllm_log_handlers()
+        assert ours.handlers == []
+        monkeypatch.setattr(root, "handlers", [])
+        vllm_dspark.use_vllm_log_handlers()
+        ours.info("vllm-dspark: drafter loaded")
+        ours.debug("not at vLLM's level")
+        assert seen == ["vllm-dspark: drafter loaded"] and ours.handlers == theirs.handlers
+    finally:
+        theirs.level = theirs_level
+        ours.setLevel(level)

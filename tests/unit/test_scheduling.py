@@ -678,3 +678,20 @@ def test_measured_payoff_overrides_the_predicted_one(caplog):
     prop.stats.steps = 300
     prop._plan(confident, [10] * 4, 4, 0.005, batch=4)
     assert prop._pause.until == 0
+
+
+def test_payoff_correction_is_shrunk_by_the_noise_of_few_drafting_steps():
+    """A single request emits 1 or 3 tokens per drafting step: after 32 steps a 15% shortfall against the model is
+    within two standard errors (no correction); after 400 it is not (corrected, less the remaining error)."""
+    from vllm_dspark.scheduling import PayoffMeter
+
+    meter = PayoffMeter(half_life=1e9)
+    for _ in range(16):
+        meter.observe(1, False, 1, 0.05)  # plain: 20 tok/s
+    for i in range(32):  # drafting: 2 tokens per 0.1 s on average = 20 tok/s; the model predicted 1/0.85
+        meter.observe(1, True, 1 + 2 * (i % 2), 0.1, predicted=1 / 0.85)
+    assert meter.measured(1) == pytest.approx(1.0)
+    assert meter.correction(1) == 1.0  # 0.85 + 2 x 0.088 > 1
+    for i in range(368):
+        meter.observe(1, True, 1 + 2 * (i % 2), 0.1, predicted=1 / 0.85)
+    assert meter.correction(1) == pytest.approx(0.85 + 2 * 0.5 / 400 ** 0.5, rel=1e-3)

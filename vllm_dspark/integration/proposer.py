@@ -30,6 +30,7 @@ from ..scheduling import (CALIBRATION_FILE, DraftPause, LinearCost, PayoffMeter,
                           load_calibration, plan_block_lengths)
 from ..drafting import draft_block
 from ..lookup import LookupStats, prompt_lookup
+from .. import use_vllm_log_handlers
 from . import compat, metrics
 from .compat import StepRows
 
@@ -178,6 +179,7 @@ class ProposerStats:
 
 class DSparkProposer:
     def __init__(self, vllm_config: Any):
+        use_vllm_log_handlers()
         compat.install()
         self.vllm_config = vllm_config
         self.settings = DSparkSettings.from_additional_config(vllm_config.additional_config)
