@@ -448,7 +448,8 @@ class PayoffMeter:
     were seen (None before), shrunk towards 1 by ``z`` standard errors of the drafting steps' mean tokens (a
     single request's tokens per step vary by ~45%: after 32 steps its rate is known to ~8%, and an unshrunk
     correction paused drafting at concurrency 1 where it paid 11%) and clipped to [1/``clip``, ``clip``].
-    ``wants_plain(b, step)``: enough drafting steps
+    ``pays(b)``: the measured ratio is above 1 by more than ``z`` standard errors. ``wants_plain(b, step)``:
+    enough drafting steps
     of batch b but too few plain ones (never measured, or last measured ``refresh`` steps ago): the caller should
     pause for ``min_plain`` steps to measure them.
     """
@@ -494,6 +495,17 @@ class PayoffMeter:
         d, p = self._sums[batch]
         return (d[1] / d[2]) / (p[1] / p[2])
 
+    def _stderr(self, batch: int) -> float:
+        """Relative standard error of the drafting steps' rate at ``batch`` (from their tokens per step)."""
+        d = self._sums[batch][0]
+        mean = d[1] / d[0]
+        return math.sqrt(max(d[4] / d[0] - mean * mean, 0.0) / d[0]) / mean
+
+    def pays(self, batch: int) -> bool:
+        """Whether drafting at ``batch`` measurably pays: the measured ratio ``z`` standard errors below is > 1."""
+        m = self.measured(batch)
+        return m is not None and m * (1.0 - self.z * self._stderr(batch)) > 1.0
+
     def correction(self, batch: int) -> float | None:
         m = self.measured(batch)
         if m is None:
@@ -502,8 +514,7 @@ class PayoffMeter:
         predicted = d[3] / d[0]
         if predicted <= 0:
             return None
-        mean = d[1] / d[0]
-        stderr = math.sqrt(max(d[4] / d[0] - mean * mean, 0.0) / d[0]) / mean  # relative, of the drafting rate
+        stderr = self._stderr(batch)
         c = m / predicted
         c = max(c - self.z * stderr, 1.0) if c > 1.0 else min(c + self.z * stderr, 1.0)
         return min(self.clip, max(1.0 / self.clip, c))

@@ -695,3 +695,33 @@ def test_payoff_correction_is_shrunk_by_the_noise_of_few_drafting_steps():
     for i in range(368):
         meter.observe(1, True, 1 + 2 * (i % 2), 0.1, predicted=1 / 0.85)
     assert meter.correction(1) == pytest.approx(0.85 + 2 * 0.5 / 400 ** 0.5, rel=1e-3)
+
+
+def test_a_small_batch_keeps_drafting_while_its_drafting_steps_measurably_pay():
+    """One request: hopeless confidences make the model pause, unless its drafting steps measured clearly more
+    tokens/s than its plain steps; once they measure less, the model's verdict is back."""
+    from vllm_dspark.integration.proposer import _StepTiming
+
+    prop = _bare_proposer(k=1)
+    prop.step_overhead = 0.01
+    hopeless = torch.full((1, 4), -8.0)
+    t = 0.0
+
+    def steps(n, drafting, tokens, seconds):
+        nonlocal t
+        for i in range(n):
+            prop._timing = _StepTiming(t, seconds, 1, tokens(i), verified=drafting, prefill=False,
+                                       predicted=1.0 if drafting else None)
+            t += seconds
+            prop._observe_period(t)
+
+    steps(16, False, lambda i: 1, 0.03)  # plain: 33 tok/s
+    steps(40, True, lambda i: 1 + i % 2, 0.035)  # drafting: 1.5 tokens per 35 ms = 43 tok/s
+    assert prop.payoff.pays(1)
+    for _ in range(100):
+        prop._plan(hopeless, [10], 4, 0.005, batch=1)
+    assert prop._pause.until == 0 and prop.net_ratio < 1  # the model alone would have paused
+    steps(300, True, lambda i: 1, 0.035)  # now drafting yields nothing: 28.6 tok/s
+    assert not prop.payoff.pays(1)
+    prop._plan(hopeless, [10], 4, 0.005, batch=1)
+    assert prop._pause.until > 0
