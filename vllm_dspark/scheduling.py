@@ -449,9 +449,8 @@ class PayoffMeter:
     single request's tokens per step vary by ~45%: after 32 steps its rate is known to ~8%, and an unshrunk
     correction paused drafting at concurrency 1 where it paid 11%) and clipped to [1/``clip``, ``clip``].
     ``pays(b)``: the measured ratio is above 1 by more than ``z`` standard errors. ``wants_plain(b, step)``:
-    enough drafting steps
-    of batch b but too few plain ones (never measured, or last measured ``refresh`` steps ago): the caller should
-    pause for ``min_plain`` steps to measure them.
+    enough drafting steps of batch b but too few plain ones (never measured, or last measured ``refresh`` steps
+    ago): the caller should pause drafting for at least ``min_plain`` steps to measure them.
     """
 
     def __init__(self, max_batch: int = 8, half_life: float = 256.0, min_draft: int = 32, min_plain: int = 16,
@@ -484,8 +483,7 @@ class PayoffMeter:
 
     def count(self, batch: int) -> tuple[int, int]:
         """(drafting, plain) steps measured at ``batch``."""
-        d, p = self._seen.get(batch, (0, 0))
-        return d, p
+        return tuple(self._seen.get(batch, (0, 0)))
 
     def measured(self, batch: int) -> float | None:
         """Measured tokens/s of drafting steps / of plain steps at ``batch`` (None before enough of each)."""
