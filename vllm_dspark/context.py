@@ -31,17 +31,36 @@ class ContextBatch:
     lengths: torch.Tensor  # [B] int64, valid rows per batch row
 
 
+@dataclass
+class RawBlock:
+    """A prefix block whose last rows were never projected (its request ended while they were deferred):
+    ``k, v`` [m, Ld, kvh, d] for the first m rows, ``feats`` [bs - m, L*Ht] the raw rows from position
+    ``start``. Projected when a request first takes it (:meth:`ContextStore.fill_from_prefix_cache`)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    feats: torch.Tensor
+    start: int
+
+
+def _nbytes(entry) -> int:
+    tensors = (entry.k, entry.v, entry.feats) if isinstance(entry, RawBlock) else entry
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class PrefixCache:
     """Context rows per full block of tokens, keyed by the hash chain of the token prefix (as vLLM's prefix
     cache keys its KV blocks). A context row depends only on the tokens up to its position, so a request whose
     prompt hits vLLM's prefix cache (and so delivers no hidden states for the cached part) can take its first
     rows from an earlier request with the same prefix instead of drafting from a context with holes.
-    Least-recently-used blocks are evicted beyond ``max_blocks``.
+    A block is (k, v) or a :class:`RawBlock` (projected on first use). Least-recently-used blocks are evicted
+    beyond ``max_bytes``.
     """
 
-    def __init__(self, block_size: int, max_blocks: int):
-        self.block_size, self.max_blocks = block_size, max_blocks
-        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+    def __init__(self, block_size: int, max_bytes: int):
+        self.block_size, self.max_bytes = block_size, max_bytes
+        self.blocks: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor] | RawBlock] = OrderedDict()
+        self.nbytes = 0
 
     def chain(self, tokens: np.ndarray, known: list[bytes]) -> list[bytes]:
         """Extend ``known`` (keys of the first blocks) to every full block of ``tokens``."""
@@ -52,15 +71,20 @@ class PrefixCache:
                                         digest_size=16).digest())
         return keys
 
-    def put(self, key: bytes, k: torch.Tensor, v: torch.Tensor) -> None:
-        if key in self.blocks:
+    def put(self, key: bytes, entry: tuple[torch.Tensor, torch.Tensor] | RawBlock, *, replace: bool = False) -> None:
+        """Store ``entry`` (tensors the cache may keep: copies or tensors nobody else writes)."""
+        old = self.blocks.get(key)
+        if old is not None:
             self.blocks.move_to_end(key)
-            return
-        self.blocks[key] = (k.clone(), v.clone())
-        while len(self.blocks) > self.max_blocks:
-            self.blocks.popitem(last=False)
+            if not replace:
+                return
+            self.nbytes -= _nbytes(old)
+        self.blocks[key] = entry
+        self.nbytes += _nbytes(entry)
+        while self.nbytes > self.max_bytes and len(self.blocks) > 1:
+            self.nbytes -= _nbytes(self.blocks.popitem(last=False)[1])
 
-    def get(self, key: bytes) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def get(self, key: bytes) -> tuple[torch.Tensor, torch.Tensor] | RawBlock | None:
         hit = self.blocks.get(key)
         if hit is not None:
             self.blocks.move_to_end(key)
@@ -101,12 +125,13 @@ class ContextStore:
         return 0 if slot is None else self.lengths[slot]
 
     # ----------------------------------------------------------------- updates
-    def append(self, rows: list[tuple[str, int, torch.Tensor]], *, defer: bool = False) -> None:
+    def append(self, rows: list[tuple[str, int, torch.Tensor]], *, defer: bool = False, owned: bool = False) -> None:
         """rows: (req_id, start_position, features [n, L*Ht]) per request; one batched projection for all.
 
         A start below the current length overwrites from there (a re-delivered prefix after recompute);
         a start above it raises ContextGapError before anything is written. ``defer``: keep the raw rows and
-        project them with the next :meth:`flush` (lengths count them at once).
+        project them with the next :meth:`flush` (lengths count them at once); they are copied unless
+        ``owned`` (the caller hands over tensors nobody else writes, e.g. views of a tensor made for this call).
         """
         rows = [r for r in rows if r[2].shape[0] > 0]
         if not rows:
@@ -118,8 +143,8 @@ class ContextStore:
         if defer:
             for req_id, start, f in rows:
                 self.lengths[self._slot_for(req_id)] = start + f.shape[0]
-                # a copy: a view would keep the whole step's feature tensor alive while the rows wait
-                self._pending.append((req_id, start, f.clone()))
+                # a copy: a view of the runner's buffers may change, or keep a whole step's features alive
+                self._pending.append((req_id, start, f if owned else f.clone()))
                 self._pending_rows += f.shape[0]
             if self._pending_rows > self.MAX_PENDING_ROWS:
                 self.flush()
@@ -188,26 +213,42 @@ class ContextStore:
         keys = cache.chain(tokens[:n], known)
         bs = cache.block_size
         for j in range(len(known), len(keys)):
-            cache.put(keys[j], self.k[slot, j * bs:(j + 1) * bs], self.v[slot, j * bs:(j + 1) * bs])
+            cache.put(keys[j], (self.k[slot, j * bs:(j + 1) * bs].clone(), self.v[slot, j * bs:(j + 1) * bs].clone()))
         self._chains[req_id] = keys
 
     def fill_from_prefix_cache(self, req_id: str, tokens: np.ndarray) -> int:
         """Copy cached blocks covering ``tokens`` (the prefix up to where delivered rows start) into the
-        request's context, from its current length on; returns the new length."""
+        request's context, from its current length on (raw blocks among them projected in one call); returns
+        the new length."""
         cache = self.prefix_cache
         if cache is None:
             return self.length(req_id)
         self.flush()  # blocks offered by earlier rows of this very step, and this request's own rows first
-        length = self.length(req_id)
         bs = cache.block_size
         keys = cache.chain(tokens, [])
-        for j in range(length // bs, len(keys)):
+        hits = []
+        for j in range(self.length(req_id) // bs, len(keys)):
             hit = cache.get(keys[j])
             if hit is None:
                 break
+            hits.append((j, hit))
+        raw = [(j, h) for j, h in hits if isinstance(h, RawBlock)]
+        if raw:
+            feats = torch.cat([h.feats for _, h in raw])
+            positions = torch.cat([torch.arange(h.start, h.start + h.feats.shape[0]) for _, h in raw])
+            with torch.inference_mode():
+                k, v = self.drafter.context_kv(feats, positions.to(feats.device))
+            offset, done = 0, {}
+            for j, h in raw:
+                n = h.feats.shape[0]
+                done[j] = (torch.cat([h.k, k[offset:offset + n]]), torch.cat([h.v, v[offset:offset + n]]))
+                cache.put(keys[j], done[j], replace=True)
+                offset += n
+            hits = [(j, done.get(j, h)) for j, h in hits]
+        for j, (k, v) in hits:
             slot = self._slot_for(req_id)
             self._reserve((j + 1) * bs)
-            self.k[slot, j * bs:(j + 1) * bs], self.v[slot, j * bs:(j + 1) * bs] = hit
+            self.k[slot, j * bs:(j + 1) * bs], self.v[slot, j * bs:(j + 1) * bs] = k, v
             self.lengths[slot] = (j + 1) * bs
         return self.length(req_id)
 
@@ -217,16 +258,40 @@ class ContextStore:
             self.lengths[slot] = min(self.lengths[slot], length)
 
     def free(self, req_id: str) -> None:
-        """Forget a request, after projecting and offering its still-deferred complete blocks (vLLM keeps its
-        blocks cached after it ends, and a later request may hit them)."""
-        if req_id in self._to_publish:
-            self.flush([req_id])
+        """Forget a request, after offering its complete blocks not yet offered (vLLM keeps its blocks cached
+        after it ends, and a later request may hit them); rows still deferred go to the cache raw, projected
+        only if a request takes them."""
+        tokens = self._to_publish.pop(req_id, None)
+        if tokens is not None:
+            self._retire(req_id, tokens)
         slot = self.slots.pop(req_id, None)
         self._chains.pop(req_id, None)
-        self._to_publish.pop(req_id, None)
+        if any(r == req_id for r, _, _ in self._pending):
+            self._pending = [p for p in self._pending if p[0] != req_id]
+            self._pending_rows = sum(f.shape[0] for _, _, f in self._pending)
         if slot is not None:
             self.lengths[slot] = 0
             self._free.append(slot)
+
+    def _retire(self, req_id: str, tokens: np.ndarray) -> None:
+        """Offer the complete blocks of a request that ends with rows deferred, without projecting them."""
+        cache, slot = self.prefix_cache, self.slots[req_id]
+        n = min(self.lengths[slot], len(tokens))
+        known = self._chains.get(req_id, [])
+        keys = cache.chain(tokens[:n], known)
+        mine = [(s, f) for r, s, f in self._pending if r == req_id]
+        if len(keys) == len(known) or not mine:
+            return
+        p0 = min(s for s, _ in mine)  # rows below are projected (in the slot), rows from p0 to n deferred
+        raw = mine[0][1].new_empty((n - p0, mine[0][1].shape[1]))
+        for s, f in mine:  # in arrival order: a later row overwrites an earlier one
+            raw[s - p0:min(s + f.shape[0], n) - p0] = f[:max(0, n - s)]
+        bs = cache.block_size
+        for j in range(len(known), len(keys)):
+            lo, hi = j * bs, (j + 1) * bs
+            m = min(max(p0 - lo, 0), bs)
+            k, v = self.k[slot, lo:lo + m].clone(), self.v[slot, lo:lo + m].clone()
+            cache.put(keys[j], (k, v) if m == bs else RawBlock(k, v, raw[lo + m - p0:hi - p0], lo + m))
 
     def gather(self, req_ids: list[str]) -> ContextBatch:
         self.flush(req_ids)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vllm_dspark.checkpoint import init_drafter, load_drafter
-from vllm_dspark.context import ContextStore
+from vllm_dspark.context import ContextStore, RawBlock
 from vllm_dspark.drafting import draft_block
 
 pytestmark = pytest.mark.vllm
@@ -78,7 +78,22 @@ def test_greedy_lossless_and_drafts_match_hf_hidden_states(vllm_env, drafters, a
     base = _generate(_llm(target, enable_prefix_caching=False), prompts)
     gc.collect()
     llm = _llm(target, drafter_dir, enable_prefix_caching=True, extra={"mode": "fixed"})
-    first = _generate(llm, prompts)
+    # Requests that end before drafting ever read their rows (drafting paused, as the adaptive policy does under
+    # load): their blocks reach the drafter's prefix cache unprojected; the next pass takes its prompt blocks
+    # from those.
+    prop = _proposer(llm)
+    prop._propose = lambda sampled, *args, **kwargs: [[] for _ in sampled]
+    cache, puts = prop.store.prefix_cache, []
+    put = cache.put
+
+    def spy(key, entry, replace=False):
+        puts.append((type(entry), replace))
+        put(key, entry, replace=replace)
+    cache.put = spy
+    warm = _generate(llm, prompts[:1], max_tokens=4)  # alone: nothing cached yet, so nothing read early
+    del prop._propose
+    first = _generate(llm, prompts)  # its first step frees the warm request, then takes its blocks
+    assert (RawBlock, False) in puts and (tuple, True) in puts  # offered raw, projected when taken
     second = _generate(llm, prompts)  # prefix-cache hits: vLLM delivers no rows for the cached block
     for b, a, c in zip(base, first, second):
         assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
@@ -101,7 +116,7 @@ def test_greedy_lossless_and_drafts_match_hf_hidden_states(vllm_env, drafters, a
     hf = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
     drafter = load_drafter(drafter_dir, target)
     drafter.set_head_dtype(torch.bfloat16)  # the plugin's default LM head on CPU (head_dtype "auto")
-    seqs = {o.request_id: list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in first + second}
+    seqs = {o.request_id: list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in warm + first + second}
     mismatches = 0
     for rec in records[::3]:
         seq = seqs[external_request_id(rec["req_id"])]

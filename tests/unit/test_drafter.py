@@ -195,7 +195,7 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
 
     # Prefix blocks offered while rows are deferred reach the cache once projected, from a copy of the tokens.
     calls.clear()
-    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_blocks=16))
+    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2**20))
     tokens = np.arange(100, 124)
     store.append([("p", 0, feats["a"])], defer=True)
     view = tokens.copy()
@@ -205,18 +205,48 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     assert store.fill_from_prefix_cache("q", tokens[:16]) == 16  # flushes "p", then copies two blocks
     torch.testing.assert_close(store.gather(["q"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
 
-    # A request that ends with rows still deferred (max_tokens=1, an abort): vLLM keeps its prompt blocks
-    # cached, so ours are projected and offered when it is freed, not dropped.
-    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_blocks=16))
+    # A request that ends with rows still deferred (max_tokens=1, an abort; or drafting paused under load): vLLM
+    # keeps its blocks cached, so ours are offered when it is freed, not dropped; unprojected, until a request
+    # takes them (then in one call).
+    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2**20))
     store.append([("p", 0, feats["a"][:20])], defer=True)
     store.publish_blocks("p", tokens[:20])
     calls.clear()
     store.publish_blocks("p", tokens[:20])  # no block completed since: nothing copied again
     assert list(store._to_publish) == ["p"] and not calls
     store.free("p")
-    assert calls == [20] and len(store.prefix_cache.blocks) == 2
+    assert not calls and len(store.prefix_cache.blocks) == 2 and not store._pending
     assert store.fill_from_prefix_cache("r", tokens[:16]) == 16
+    assert calls == [16]  # both raw blocks, one projection
     torch.testing.assert_close(store.gather(["r"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
+    torch.testing.assert_close(store.gather(["r"]).v[0, :16], b.v[0, :16], atol=1e-12, rtol=0)
+    calls.clear()
+    assert store.fill_from_prefix_cache("r2", tokens[:16]) == 16 and not calls  # projected once, kept so
+
+    # A block that is part projected (drafting read rows 0-9) and part deferred, with a re-delivered row (10-11
+    # again, as after a recompute), when the request ends: the cache holds the projected part and the raw rest.
+    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2**20))
+    for start, stop in ((0, 10), (10, 13), (11, 20)):
+        store.append([("p", start, feats["a"][start:stop])], defer=True)
+        store.publish_blocks("p", tokens[:stop])
+        if stop == 10:
+            store.gather(["p"])  # projects 0-9, offers block 0
+    calls.clear()
+    store.free("p")
+    assert not calls and len(store.prefix_cache.blocks) == 2
+    raw = list(store.prefix_cache.blocks.values())[1]
+    assert raw.k.shape[0] == 2 and raw.feats.shape[0] == 6 and raw.start == 10
+    assert store.fill_from_prefix_cache("r", tokens[:16]) == 16 and calls == [6]
+    torch.testing.assert_close(store.gather(["r"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
+
+    # The cache keeps at most max_bytes, least recently used blocks first out.
+    one = 8 * 96 * 8  # bytes of a raw block of 8 float64 rows of 96 features, nothing projected
+    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2 * one))
+    store.append([("p", 0, feats["a"][:24])], defer=True)
+    store.publish_blocks("p", tokens[:24])
+    store.free("p")
+    assert store.prefix_cache.nbytes == 2 * one and len(store.prefix_cache.blocks) == 2
+    assert store.fill_from_prefix_cache("r", tokens[:24]) == 0  # block 0 was evicted: nothing to take
     store.append([("s", 0, feats["b"][:6])], defer=True)
     store.publish_blocks("s", tokens[:6])  # no complete block: nothing to offer, nothing projected at free
     calls.clear()

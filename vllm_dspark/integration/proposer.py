@@ -53,7 +53,8 @@ class DSparkSettings:
     # SmolLM2's 8192-row draft head with cold caches; see DSparkDrafter.set_head_dtype), the drafter's own
     # elsewhere; "same" = the drafter's dtype; or "float32" | "bfloat16" | "float16".
     head_dtype: str = "auto"
-    # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on).
+    # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on; blocks of
+    # requests that ended while drafting was paused are kept unprojected, ~4x larger, until a request takes them).
     prefix_cache_mb: int = 256
     # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
     # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
@@ -270,10 +271,7 @@ class DSparkProposer:
         self.drafter.set_head_dtype(head_dtype, release=True)
         prefix = None
         if self._prefix_block_size:
-            row_bytes = 2 * self.drafter.fc.weight.element_size() * self.cfg.num_hidden_layers * \
-                self.cfg.num_key_value_heads * self.cfg.head_dim
-            blocks = max(16, self.settings.prefix_cache_mb * 2**20 // (row_bytes * self._prefix_block_size))
-            prefix = PrefixCache(self._prefix_block_size, blocks)
+            prefix = PrefixCache(self._prefix_block_size, self.settings.prefix_cache_mb * 2**20)
         self.store = ContextStore(self.drafter, prefix_cache=prefix)
         logger.info("vllm-dspark: drafter %s loaded (%d layers, markov rank %d, K=%d, topk=%d, %s, LM head %s)",
                     self.settings.drafter, self.cfg.num_hidden_layers, self.cfg.markov_rank, self.num_spec_tokens,
@@ -314,25 +312,24 @@ class DSparkProposer:
 
     def _ingest(self, step: StepRows, sampled_token_ids: list[list[int]]) -> None:
         t0 = time.perf_counter()
+        qsl = step.query_start_loc.tolist()
+        n_req = len(step.req_ids)
+        drafts = list(step.num_draft_tokens[:n_req]) + [0] * (n_req - len(step.num_draft_tokens))
         if self._step_t0 is not None:
             self._last_forward = t0 - self._step_t0
-            self.cost.observe(int(step.query_start_loc[-1]), self._last_forward)
-            sizes = np.diff(np.asarray(step.query_start_loc))
-            drafts = list(step.num_draft_tokens) + [0] * (len(sizes) - len(step.num_draft_tokens))
+            self.cost.observe(qsl[-1], self._last_forward)
             self._timing = _StepTiming(
-                self._step_t0, self._last_forward, len(step.req_ids), sum(len(s) for s in sampled_token_ids),
-                verified=any(n > 0 for n in drafts), prefill=any(q > 1 + n for q, n in zip(sizes, drafts)),
+                self._step_t0, self._last_forward, n_req, sum(len(s) for s in sampled_token_ids),
+                verified=any(drafts), prefill=any(qsl[i + 1] - qsl[i] > 1 + drafts[i] for i in range(n_req)),
                 predicted=self._last_ratio)
             self._step_t0 = None
-        feats = torch.cat(step.aux_hidden_states, dim=-1)  # [T, L*Ht]
+        feats = torch.cat(step.aux_hidden_states, dim=-1)  # [T, L*Ht], a fresh tensor: rows are views of it
         rows = []
         for i, req_id in enumerate(step.req_ids):
-            start, stop = int(step.query_start_loc[i]), int(step.query_start_loc[i + 1])
-            nd = step.num_draft_tokens[i] if i < len(step.num_draft_tokens) else 0
+            start, stop, nd = qsl[i], qsl[i + 1], drafts[i]
             ns = len(sampled_token_ids[i]) if i < len(sampled_token_ids) else 0
-            rejected = nd + 1 - ns if nd > 0 and ns > 0 else 0
-            stop -= rejected
             if nd > 0 and ns > 0:
+                stop -= nd + 1 - ns  # rejected rows
                 looked_up = req_id in self._looked_up
                 self.stats.observe_round(req_id, nd, ns - 1, self._confidence.pop(req_id, None),
                                          self.settings.record and not looked_up)
@@ -342,10 +339,9 @@ class DSparkProposer:
                     self.stats.lookup_rounds += 1
                     self.stats.lookup_drafted += nd
                     self.stats.lookup_accepted += ns - 1
-            if stop > start:
-                rows.append((req_id, int(step.positions[start]), feats[start:stop]))
+            if stop > start and req_id not in self._gap_reqs:
+                rows.append((req_id, step.starts[i], feats[start:stop]))
         index = {r: i for i, r in enumerate(step.req_ids)}
-        rows = [r for r in rows if r[0] not in self._gap_reqs]
         ready = [r for r in rows if r[1] <= self.store.length(r[0])]
         self._append(ready, step, index)
         # A start beyond the context means vLLM's prefix cache served the first `pos` tokens, possibly from
@@ -372,7 +368,8 @@ class DSparkProposer:
 
     def _append(self, rows, step: StepRows, index: dict[str, int]) -> None:
         try:
-            self.store.append(rows, defer=True)  # projected when drafting next reads them (store.flush)
+            # projected when drafting next reads them (store.flush); views of this step's own feature tensor
+            self.store.append(rows, defer=True, owned=True)
         except ContextGapError:  # defensive: callers only pass rows that start inside the context
             self.stats.faults += 1
             return
