@@ -2,9 +2,10 @@
 
 Rows are projected once (never recomputed) and stored in slot-major buffers ``k, v [S, C, Ld, kvh, d]``
 (S request slots, C capacity, grown by doubling), so a batch of requests is gathered with one
-``index_select``. ``append(..., defer=True)`` keeps the raw rows until something reads K/V (``gather``, the
-prefix cache) or too many are pending: steps that do not draft then cost a list append, and one projection
-later reads the weights once for all of them. A request's rows must cover positions 0..n-1 without holes: a row that
+``index_select``. ``append(..., defer=True)`` keeps the raw rows until drafting reads their K/V (``gather``) or
+too many are pending: steps that do not draft then cost a list append, and one projection later reads the
+weights once for all of them. Prefix blocks completed while rows are deferred are offered raw and projected
+only when a request takes them, so a request that ends before drafting resumes never has its rows projected. A request's rows must cover positions 0..n-1 without holes: a row that
 would leave a gap raises :class:`ContextGapError` (the caller then stops drafting for that request rather
 than draft from a context with holes).
 """
@@ -105,11 +106,11 @@ class ContextStore:
         self._free: list[int] = list(range(initial_slots - 1, -1, -1))
         self.prefix_cache = prefix_cache
         self._chains: dict[str, list[bytes]] = {}  # block keys of each request's cached prefix
-        # Deferred rows (in arrival order; lengths already count them) and the prefix blocks to offer once
-        # they are projected: request id -> a copy of its tokens from position 0.
+        # Deferred rows, in arrival order (lengths already count them), and per request the first position
+        # they cover (rows below it are projected, in the request's slot).
         self._pending: list[tuple[str, int, torch.Tensor]] = []
         self._pending_rows = 0
-        self._to_publish: dict[str, np.ndarray] = {}
+        self._pending_from: dict[str, int] = {}
 
     MAX_PENDING_ROWS = 4096  # ~47 MB of raw SmolLM2 features; projected at once beyond that
 
@@ -146,6 +147,7 @@ class ContextStore:
                 # a copy: a view of the runner's buffers may change, or keep a whole step's features alive
                 self._pending.append((req_id, start, f if owned else f.clone()))
                 self._pending_rows += f.shape[0]
+                self._pending_from[req_id] = min(start, self._pending_from.get(req_id, start))
             if self._pending_rows > self.MAX_PENDING_ROWS:
                 self.flush()
             return
@@ -155,8 +157,8 @@ class ContextStore:
             self.lengths[self.slots[req_id]] = start + f.shape[0]
 
     def flush(self, req_ids: list[str] | None = None) -> None:
-        """Project the deferred rows (one batched call), then offer the blocks they complete: all of them, or
-        only those of ``req_ids`` (the others stay deferred)."""
+        """Project the deferred rows (one batched call): all of them, or only those of ``req_ids`` (the
+        others stay deferred)."""
         if not self._pending:
             return
         if req_ids is None:
@@ -167,14 +169,10 @@ class ContextStore:
             keep = [r for r in self._pending if r[0] not in wanted and r[0] in self.slots]  # freed: dropped
         rows = [r for r in take if r[0] in self.slots]  # freed requests' rows are dropped
         self._pending, self._pending_rows = keep, sum(f.shape[0] for _, _, f in keep)
+        for req_id in {r for r, _, _ in take}:
+            self._pending_from.pop(req_id, None)
         if rows:
             self._project(rows)
-        if req_ids is None:
-            publish, self._to_publish = self._to_publish, {}
-        else:
-            publish = {r: self._to_publish.pop(r) for r in req_ids if r in self._to_publish}
-        for req_id, tokens in publish.items():
-            self._publish_now(req_id, tokens)
 
     def _project(self, rows: list[tuple[str, int, torch.Tensor]]) -> None:
         """Write the K/V of ``rows`` into their slots, in order (a later row may overwrite an earlier one)."""
@@ -192,29 +190,33 @@ class ContextStore:
             offset += n
 
     def publish_blocks(self, req_id: str, tokens: np.ndarray) -> None:
-        """Offer this request's completed blocks to the prefix cache (tokens: its ids from position 0);
-        with rows still deferred, once they are projected (the tokens are copied: callers pass views)."""
-        if self.prefix_cache is None or req_id not in self.slots:
-            return
-        complete = min(self.length(req_id), len(tokens)) // self.prefix_cache.block_size
-        if complete <= len(self._chains.get(req_id, ())):
-            return  # no block completed since the last offer
-        if self._pending:
-            self._to_publish[req_id] = np.array(tokens, copy=True)
-            return
-        self._publish_now(req_id, tokens)
-
-    def _publish_now(self, req_id: str, tokens: np.ndarray) -> None:
+        """Offer this request's newly completed blocks to the prefix cache (tokens: its ids from position 0).
+        Rows still deferred go raw (:class:`RawBlock`): projected only if a request takes the block."""
         cache, slot = self.prefix_cache, self.slots.get(req_id)
         if cache is None or slot is None:
             return
         n = min(self.lengths[slot], len(tokens))
         known = self._chains.get(req_id, [])
+        if n // cache.block_size <= len(known):
+            return  # no block completed since the last offer
         keys = cache.chain(tokens[:n], known)
-        bs = cache.block_size
-        for j in range(len(known), len(keys)):
-            cache.put(keys[j], (self.k[slot, j * bs:(j + 1) * bs].clone(), self.v[slot, j * bs:(j + 1) * bs].clone()))
         self._chains[req_id] = keys
+        bs = cache.block_size
+        lo0, hi0 = len(known) * bs, len(keys) * bs
+        p0 = min(self._pending_from.get(req_id, hi0), hi0)  # rows from p0 on are deferred
+        raw = None
+        if p0 < hi0:  # the deferred rows of the new blocks, in arrival order (a later row overwrites)
+            first = next(f for r, _, f in self._pending if r == req_id)
+            raw = first.new_empty((hi0 - p0, first.shape[1]))
+            for r, start, f in self._pending:
+                if r == req_id and start < hi0 and start + f.shape[0] > p0:
+                    a, b = max(start, p0), min(start + f.shape[0], hi0)
+                    raw[a - p0:b - p0] = f[a - start:b - start]
+        for j in range(len(known), len(keys)):
+            lo, hi = j * bs, (j + 1) * bs
+            m = min(max(p0 - lo, 0), bs)
+            k, v = self.k[slot, lo:lo + m].clone(), self.v[slot, lo:lo + m].clone()
+            cache.put(keys[j], (k, v) if m == bs else RawBlock(k, v, raw[lo + m - p0:hi - p0], lo + m))
 
     def fill_from_prefix_cache(self, req_id: str, tokens: np.ndarray) -> int:
         """Copy cached blocks covering ``tokens`` (the prefix up to where delivered rows start) into the
@@ -223,7 +225,7 @@ class ContextStore:
         cache = self.prefix_cache
         if cache is None:
             return self.length(req_id)
-        self.flush()  # blocks offered by earlier rows of this very step, and this request's own rows first
+        self.flush([req_id])  # its own deferred rows first (they end where the cached blocks start)
         bs = cache.block_size
         keys = cache.chain(tokens, [])
         hits = []
@@ -258,40 +260,15 @@ class ContextStore:
             self.lengths[slot] = min(self.lengths[slot], length)
 
     def free(self, req_id: str) -> None:
-        """Forget a request, after offering its complete blocks not yet offered (vLLM keeps its blocks cached
-        after it ends, and a later request may hit them); rows still deferred go to the cache raw, projected
-        only if a request takes them."""
-        tokens = self._to_publish.pop(req_id, None)
-        if tokens is not None:
-            self._retire(req_id, tokens)
+        """Forget a request (its blocks were offered as they completed; its deferred rows are dropped)."""
         slot = self.slots.pop(req_id, None)
         self._chains.pop(req_id, None)
-        if any(r == req_id for r, _, _ in self._pending):
+        if self._pending_from.pop(req_id, None) is not None:
             self._pending = [p for p in self._pending if p[0] != req_id]
             self._pending_rows = sum(f.shape[0] for _, _, f in self._pending)
         if slot is not None:
             self.lengths[slot] = 0
             self._free.append(slot)
-
-    def _retire(self, req_id: str, tokens: np.ndarray) -> None:
-        """Offer the complete blocks of a request that ends with rows deferred, without projecting them."""
-        cache, slot = self.prefix_cache, self.slots[req_id]
-        n = min(self.lengths[slot], len(tokens))
-        known = self._chains.get(req_id, [])
-        keys = cache.chain(tokens[:n], known)
-        mine = [(s, f) for r, s, f in self._pending if r == req_id]
-        if len(keys) == len(known) or not mine:
-            return
-        p0 = min(s for s, _ in mine)  # rows below are projected (in the slot), rows from p0 to n deferred
-        raw = mine[0][1].new_empty((n - p0, mine[0][1].shape[1]))
-        for s, f in mine:  # in arrival order: a later row overwrites an earlier one
-            raw[s - p0:min(s + f.shape[0], n) - p0] = f[:max(0, n - s)]
-        bs = cache.block_size
-        for j in range(len(known), len(keys)):
-            lo, hi = j * bs, (j + 1) * bs
-            m = min(max(p0 - lo, 0), bs)
-            k, v = self.k[slot, lo:lo + m].clone(), self.v[slot, lo:lo + m].clone()
-            cache.put(keys[j], (k, v) if m == bs else RawBlock(k, v, raw[lo + m - p0:hi - p0], lo + m))
 
     def gather(self, req_ids: list[str]) -> ContextBatch:
         self.flush(req_ids)

@@ -265,6 +265,21 @@ class LinearCost:
 
     __call__ = sps
 
+    def seconds_many(self, num_tokens, extra: float = 0.0) -> np.ndarray:
+        """``seconds`` for each B in ``num_tokens`` (the fit solved once), plus ``extra`` seconds each."""
+        a, b = self.coefficients()
+        sizes = np.asarray(num_tokens)
+        out = a + extra + b * sizes.astype(np.float64)
+        for i, size in enumerate(sizes.tolist()):
+            ratio, seen = self.residual.get(size, (1.0, 0))
+            if seen >= self.RESIDUAL_MIN:
+                out[i] += (ratio - 1.0) * (a + b * size)
+        return out
+
+    def sps_many(self, num_tokens, extra: float = 0.0) -> np.ndarray:
+        """Steps per second for each B in ``num_tokens`` when a step also costs ``extra`` seconds."""
+        return 1.0 / self.seconds_many(num_tokens, extra)
+
     def __len__(self) -> int:
         return self.count
 
@@ -312,7 +327,8 @@ def plan_block_lengths(
     Args:
         survival:    [R, K] survival a_{r,j} in [0, 1] of draft slot j of request r (non-increasing along K
                      when it is a product of confidences).
-        cost:        a :class:`CostTable` or any callable B -> steps per second, non-increasing in B.
+        cost:        a :class:`CostTable`, :class:`LinearCost`, or any callable B -> steps per second
+                     (non-increasing in B unless ``scan``); with a ``sps_many(bs)`` method, that is used.
         max_lengths: [R] per-request cap on drafts (tokens left before max_model_len, a user cap; 0 = none).
         min_length:  drafts every request gets regardless of load (still capped by ``max_lengths``).
         scan:        evaluate Theta after every admission and keep the best prefix of the ranking instead of
@@ -354,7 +370,7 @@ def plan_block_lengths(
     n = rr.shape[0]
 
     bs = num_tokens0 + np.arange(n + 1)  # B after admitting 0..n candidates
-    if isinstance(cost, CostTable):
+    if hasattr(cost, "sps_many"):  # CostTable, LinearCost, or any cost that evaluates many sizes at once
         sps = cost.sps_many(bs)
     elif scan:
         sps = np.asarray([float(cost(int(b))) for b in bs])

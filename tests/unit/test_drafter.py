@@ -160,7 +160,7 @@ def test_context_gap_is_refused_and_free_releases_slot():
 
 
 def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
-    from vllm_dspark.context import PrefixCache
+    from vllm_dspark.context import PrefixCache, RawBlock
 
     m = tiny_drafter()
     torch.manual_seed(4)
@@ -193,29 +193,20 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     later.gather(["a", "b"])
     assert len(calls) == 2  # nothing left to project
 
-    # Prefix blocks offered while rows are deferred reach the cache once projected, from a copy of the tokens.
+    # Blocks completed while their rows are deferred are offered at once, raw: nothing is projected until a request
+    # takes them (then all it takes in one call), and the runner's token buffer is not kept.
     calls.clear()
     store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2**20))
     tokens = np.arange(100, 124)
-    store.append([("p", 0, feats["a"])], defer=True)
-    view = tokens.copy()
-    store.publish_blocks("p", view)
-    view[:] = -1  # the runner reuses its token buffer: the store must not keep the view
-    assert not store.prefix_cache.blocks and not calls
-    assert store.fill_from_prefix_cache("q", tokens[:16]) == 16  # flushes "p", then copies two blocks
-    torch.testing.assert_close(store.gather(["q"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
-
-    # A request that ends with rows still deferred (max_tokens=1, an abort; or drafting paused under load): vLLM
-    # keeps its blocks cached, so ours are offered when it is freed, not dropped; unprojected, until a request
-    # takes them (then in one call).
-    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2**20))
     store.append([("p", 0, feats["a"][:20])], defer=True)
-    store.publish_blocks("p", tokens[:20])
-    calls.clear()
-    store.publish_blocks("p", tokens[:20])  # no block completed since: nothing copied again
-    assert list(store._to_publish) == ["p"] and not calls
-    store.free("p")
-    assert not calls and len(store.prefix_cache.blocks) == 2 and not store._pending
+    view = tokens[:20].copy()
+    store.publish_blocks("p", view)
+    view[:] = -1  # the runner reuses its token buffer
+    assert [type(e) for e in store.prefix_cache.blocks.values()] == [RawBlock, RawBlock] and not calls
+    store.publish_blocks("p", tokens[:20])  # no block completed since: nothing offered again
+    assert len(store.prefix_cache.blocks) == 2 and not calls
+    store.free("p")  # ends before drafting read its rows: they are never projected
+    assert not calls and not store._pending
     assert store.fill_from_prefix_cache("r", tokens[:16]) == 16
     assert calls == [16]  # both raw blocks, one projection
     torch.testing.assert_close(store.gather(["r"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
@@ -223,19 +214,28 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     calls.clear()
     assert store.fill_from_prefix_cache("r2", tokens[:16]) == 16 and not calls  # projected once, kept so
 
-    # A block that is part projected (drafting read rows 0-9) and part deferred, with a re-delivered row (10-11
-    # again, as after a recompute), when the request ends: the cache holds the projected part and the raw rest.
+    # A live request's deferred rows stay deferred when another request takes its blocks (no global flush).
+    store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2**20))
+    store.append([("p", 0, feats["a"][:20])], defer=True)
+    store.publish_blocks("p", tokens[:20])
+    calls.clear()
+    assert store.fill_from_prefix_cache("q", tokens[:8]) == 8 and calls == [8]
+    assert [r for r, _, _ in store._pending] == ["p"]
+    torch.testing.assert_close(store.gather(["p"]).k[0, :20], b.k[0, :20], atol=1e-12, rtol=0)
+
+    # Projected, mixed and raw blocks: drafting read rows 0-9 before block 0 was offered; block 1 completes with
+    # rows 10-15 deferred, one re-delivered (10-12 again, as after a recompute).
     store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2**20))
     for start, stop in ((0, 10), (10, 13), (11, 20)):
         store.append([("p", start, feats["a"][start:stop])], defer=True)
-        store.publish_blocks("p", tokens[:stop])
         if stop == 10:
-            store.gather(["p"])  # projects 0-9, offers block 0
+            store.gather(["p"])  # projects 0-9
+        store.publish_blocks("p", tokens[:stop])
     calls.clear()
     store.free("p")
-    assert not calls and len(store.prefix_cache.blocks) == 2
-    raw = list(store.prefix_cache.blocks.values())[1]
-    assert raw.k.shape[0] == 2 and raw.feats.shape[0] == 6 and raw.start == 10
+    first, mixed = store.prefix_cache.blocks.values()
+    assert isinstance(first, tuple) and isinstance(mixed, RawBlock)
+    assert mixed.k.shape[0] == 2 and mixed.feats.shape[0] == 6 and mixed.start == 10
     assert store.fill_from_prefix_cache("r", tokens[:16]) == 16 and calls == [6]
     torch.testing.assert_close(store.gather(["r"]).k[0, :16], b.k[0, :16], atol=1e-12, rtol=0)
 
@@ -244,14 +244,8 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     store = ContextStore(m, prefix_cache=PrefixCache(block_size=8, max_bytes=2 * one))
     store.append([("p", 0, feats["a"][:24])], defer=True)
     store.publish_blocks("p", tokens[:24])
-    store.free("p")
     assert store.prefix_cache.nbytes == 2 * one and len(store.prefix_cache.blocks) == 2
     assert store.fill_from_prefix_cache("r", tokens[:24]) == 0  # block 0 was evicted: nothing to take
-    store.append([("s", 0, feats["b"][:6])], defer=True)
-    store.publish_blocks("s", tokens[:6])  # no complete block: nothing to offer, nothing projected at free
-    calls.clear()
-    store.free("s")
-    assert not calls and not store._to_publish
     m.context_kv = orig
 
 

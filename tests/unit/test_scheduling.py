@@ -355,6 +355,11 @@ def test_linear_cost_learns_a_small_step_that_is_slower_than_its_line():
     for b in (1, 4, 1, 4, 1, 4, 2):
         fresh.observe(b, 0.035 if b == 1 else 0.038 if b == 4 else 0.08)
     assert fresh.seconds(2) == fresh.line(2)
+    # Many sizes at once (the plan's scan): the same numbers, a step's extra seconds added to each.
+    sizes = np.array([1, 2, 3, 8, 16, 40])
+    np.testing.assert_allclose(cost.seconds_many(sizes), [cost.seconds(int(b)) for b in sizes], rtol=1e-12)
+    np.testing.assert_allclose(cost.sps_many(sizes, 0.004), [1 / (cost.seconds(int(b)) + 0.004) for b in sizes],
+                               rtol=1e-12)
 
 
 def test_scan_finds_the_best_block_past_a_slow_size_that_stops_the_early_stop():

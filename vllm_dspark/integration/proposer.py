@@ -178,6 +178,20 @@ class ProposerStats:
             self.round_log.append((req_id, drafted, accepted, list(confidence or [])[:drafted]))
 
 
+@dataclass
+class _WithOverhead:
+    """The target's step cost plus the seconds a step costs besides its forward, as the plan evaluates it."""
+
+    cost: LinearCost
+    overhead: float
+
+    def __call__(self, num_tokens: int) -> float:
+        return 1.0 / (self.cost.seconds(num_tokens) + self.overhead)
+
+    def sps_many(self, num_tokens) -> np.ndarray:
+        return self.cost.sps_many(num_tokens, self.overhead)
+
+
 class DSparkProposer:
     def __init__(self, vllm_config: Any):
         use_vllm_log_handlers()
@@ -567,7 +581,7 @@ class DSparkProposer:
         if probe:
             survival, caps = np.resize(survival, (batch, survival.shape[1])), np.resize(caps, batch)
         overhead, plain_overhead = self._overheads(batch)
-        plan = plan_block_lengths(survival, lambda b: 1.0 / (self.cost.seconds(b) + overhead), caps, scan=True)
+        plan = plan_block_lengths(survival, _WithOverhead(self.cost, overhead), caps, scan=True)
         lengths = plan.lengths.tolist()
         # Draft no more positions next step than could be chosen now, +2 to grow back when load falls: a block
         # one longer may not pay where two do (a CPU may verify 3 tokens faster than 2), and with +1 a request
