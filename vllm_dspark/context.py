@@ -106,13 +106,16 @@ class ContextStore:
         self._free: list[int] = list(range(initial_slots - 1, -1, -1))
         self.prefix_cache = prefix_cache
         self._chains: dict[str, list[bytes]] = {}  # block keys of each request's cached prefix
-        # Deferred rows, in arrival order (lengths already count them), and per request the first position
-        # they cover (rows below it are projected, in the request's slot).
-        self._pending: list[tuple[str, int, torch.Tensor]] = []
+        # Deferred rows per request, (start, features) in arrival order (lengths already count them), and the
+        # first position each request's cover (rows below it are projected, in its slot).
+        self._pending: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self._pending_rows = 0
         self._pending_from: dict[str, int] = {}
 
-    MAX_PENDING_ROWS = 4096  # ~47 MB of raw SmolLM2 features; projected at once beyond that
+    # Deferred raw rows kept before all are projected at once. Under load drafting pauses for up to ~1000 steps
+    # and a request's rows are projected only if it drafts again; at 32 requests in flight SmolLM2's rows (11 KB
+    # each) reach ~85 MB, and a cap of 4096 rows made every row projected anyway (c=32: 1.7 ms per step).
+    MAX_PENDING_BYTES = 512 * 2**20
 
     # ----------------------------------------------------------------- queries
     def __contains__(self, req_id: str) -> bool:
@@ -145,10 +148,10 @@ class ContextStore:
             for req_id, start, f in rows:
                 self.lengths[self._slot_for(req_id)] = start + f.shape[0]
                 # a copy: a view of the runner's buffers may change, or keep a whole step's features alive
-                self._pending.append((req_id, start, f if owned else f.clone()))
+                self._pending.setdefault(req_id, []).append((start, f if owned else f.clone()))
                 self._pending_rows += f.shape[0]
                 self._pending_from[req_id] = min(start, self._pending_from.get(req_id, start))
-            if self._pending_rows > self.MAX_PENDING_ROWS:
+            if self._pending_rows * f.shape[1] * f.element_size() > self.MAX_PENDING_BYTES:
                 self.flush()
             return
         self.flush()
@@ -161,28 +164,34 @@ class ContextStore:
         others stay deferred)."""
         if not self._pending:
             return
-        if req_ids is None:
-            take, keep = self._pending, []
-        else:
-            wanted = set(req_ids)
-            take = [r for r in self._pending if r[0] in wanted]
-            keep = [r for r in self._pending if r[0] not in wanted and r[0] in self.slots]  # freed: dropped
-        rows = [r for r in take if r[0] in self.slots]  # freed requests' rows are dropped
-        self._pending, self._pending_rows = keep, sum(f.shape[0] for _, _, f in keep)
-        for req_id in {r for r, _, _ in take}:
-            self._pending_from.pop(req_id, None)
+        rows = []
+        for req_id in list(self._pending) if req_ids is None else req_ids:
+            mine = self._pending.pop(req_id, None)
+            if mine is not None:
+                self._pending_from.pop(req_id, None)
+                self._pending_rows -= sum(f.shape[0] for _, f in mine)
+                rows += [(req_id, start, f) for start, f in mine]
         if rows:
             self._project(rows)
 
     def _project(self, rows: list[tuple[str, int, torch.Tensor]]) -> None:
         """Write the K/V of ``rows`` into their slots, in order (a later row may overwrite an earlier one)."""
         feats = torch.cat([f for _, _, f in rows])
-        positions = torch.cat([torch.arange(s, s + f.shape[0]) for _, s, f in rows]).to(feats.device)
-        with torch.inference_mode():
-            k, v = self.drafter.context_kv(feats, positions)
-        offset = 0
+        # Runs of rows that continue one another (a paused request's one row per step) are written at once.
+        runs: list[list] = []  # [req_id, start, n]
         for req_id, start, f in rows:
-            n = f.shape[0]
+            last = runs[-1] if runs else None
+            if last is not None and last[0] == req_id and last[1] + last[2] == start:
+                last[2] += f.shape[0]
+            else:
+                runs.append([req_id, start, f.shape[0]])
+        lens = torch.tensor([n for _, _, n in runs])
+        shift = torch.tensor([s for _, s, _ in runs]) - (torch.cumsum(lens, 0) - lens)  # position - row index
+        positions = torch.arange(feats.shape[0]) + torch.repeat_interleave(shift, lens)
+        with torch.inference_mode():
+            k, v = self.drafter.context_kv(feats, positions.to(feats.device))
+        offset = 0
+        for req_id, start, n in runs:
             slot = self._slot_for(req_id)
             self._reserve(start + n)
             self.k[slot, start:start + n] = k[offset:offset + n]
@@ -206,10 +215,10 @@ class ContextStore:
         p0 = min(self._pending_from.get(req_id, hi0), hi0)  # rows from p0 on are deferred
         raw = None
         if p0 < hi0:  # the deferred rows of the new blocks, in arrival order (a later row overwrites)
-            first = next(f for r, _, f in self._pending if r == req_id)
-            raw = first.new_empty((hi0 - p0, first.shape[1]))
-            for r, start, f in self._pending:
-                if r == req_id and start < hi0 and start + f.shape[0] > p0:
+            mine = self._pending[req_id]
+            raw = mine[0][1].new_empty((hi0 - p0, mine[0][1].shape[1]))
+            for start, f in mine:
+                if start < hi0 and start + f.shape[0] > p0:
                     a, b = max(start, p0), min(start + f.shape[0], hi0)
                     raw[a - p0:b - p0] = f[a - start:b - start]
         for j in range(len(known), len(keys)):
@@ -263,9 +272,10 @@ class ContextStore:
         """Forget a request (its blocks were offered as they completed; its deferred rows are dropped)."""
         slot = self.slots.pop(req_id, None)
         self._chains.pop(req_id, None)
-        if self._pending_from.pop(req_id, None) is not None:
-            self._pending = [p for p in self._pending if p[0] != req_id]
-            self._pending_rows = sum(f.shape[0] for _, _, f in self._pending)
+        self._pending_from.pop(req_id, None)
+        mine = self._pending.pop(req_id, None)
+        if mine is not None:
+            self._pending_rows -= sum(f.shape[0] for _, f in mine)
         if slot is not None:
             self.lengths[slot] = 0
             self._free.append(slot)

@@ -181,11 +181,11 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     calls.clear()
     later.gather(["a"])
     assert calls == [24 + 2]  # only the gathered request's rows (2 re-sent); b's stay deferred
-    assert {r for r, _, _ in later._pending} == {"b"}  # the freed request's rows are gone too
+    assert set(later._pending) == {"b"}  # the freed request's rows are gone too
     step = feats["b"][:4]  # a view of a bigger tensor, as the runner's per-step features are
     other = ContextStore(m)
     other.append([("x", 0, step)], defer=True)  # a deferred copy: the step's whole tensor is not kept alive
-    assert other._pending[0][2].untyped_storage().data_ptr() != step.untyped_storage().data_ptr()
+    assert other._pending["x"][0][1].untyped_storage().data_ptr() != step.untyped_storage().data_ptr()
     a, b = now.gather(["a", "b"]), later.gather(["a", "b"])
     assert calls == [24 + 2, 24 + 2]  # now b's, in one projection
     torch.testing.assert_close(a.k, b.k, atol=1e-12, rtol=0)
@@ -220,7 +220,7 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     store.publish_blocks("p", tokens[:20])
     calls.clear()
     assert store.fill_from_prefix_cache("q", tokens[:8]) == 8 and calls == [8]
-    assert [r for r, _, _ in store._pending] == ["p"]
+    assert list(store._pending) == ["p"]
     torch.testing.assert_close(store.gather(["p"]).k[0, :20], b.k[0, :20], atol=1e-12, rtol=0)
 
     # Projected, mixed and raw blocks: drafting read rows 0-9 before block 0 was offered; block 1 completes with
@@ -247,6 +247,18 @@ def test_deferred_rows_project_once_in_order_and_equal_immediate_ones():
     assert store.prefix_cache.nbytes == 2 * one and len(store.prefix_cache.blocks) == 2
     assert store.fill_from_prefix_cache("r", tokens[:24]) == 0  # block 0 was evicted: nothing to take
     m.context_kv = orig
+
+
+def test_deferred_rows_beyond_the_memory_cap_are_projected_at_once():
+    m = tiny_drafter()
+    store = ContextStore(m)
+    store.MAX_PENDING_BYTES = 10 * 96 * 8  # ten float64 rows of 96 features
+    rows = torch.randn(12, 96, dtype=torch.float64)
+    store.append([("a", 0, rows[:6]), ("b", 0, rows[:4])], defer=True)
+    assert store._pending_rows == 10  # at the cap: kept
+    store.append([("a", 6, rows[6:7])], defer=True)
+    assert store._pending_rows == 0 and store.length("a") == 7 and store.length("b") == 4
+    torch.testing.assert_close(store.k[store.slots["a"], :7], m.context_kv(rows[:7], torch.arange(7))[0])
 
 
 def test_inference_head_copy_in_bfloat16_matches_the_lm_head_to_bfloat16_precision():
