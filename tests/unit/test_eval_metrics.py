@@ -208,3 +208,23 @@ def test_plots_write_pngs(tmp_path):
     assert_png(plots.plot_throughput_vs_concurrency(results, tmp_path / "tput_line.png"))
     with pytest.raises(ValueError, match="nothing to plot"):
         plots.plot_throughput([], tmp_path / "empty.png")
+
+
+def test_bench_ratios_pair_each_round_with_its_own_baseline_cell():
+    import argparse
+
+    from vllm_dspark.eval.bench import _report, format_table
+
+    args = argparse.Namespace(target="t", drafter="d", ablation=None, prompts="mtbench", num_prompts=8, max_tokens=8,
+                              rounds=3, dtype="float32", max_model_len=256, kv_cache_gib=1, seed=0, rebuild=False)
+
+    def cell(rate):
+        return {"tokens_per_s": rate, "seconds": 1.0, "generated": 8, "spec": None}
+    # The machine slows down over the run: round 3 is ~30% slower for every method.
+    samples = {("none", 4): [cell(107.0), cell(92.0), cell(73.0)],
+               ("dspark", 4): [cell(111.0), cell(92.0), cell(83.0)]}
+    report = _report(args, [], ["none", "dspark"], {}, [4], samples, [])
+    per_round = report["ratios_per_round"]["dspark"]["4"]
+    assert per_round == pytest.approx([111 / 107, 1.0, 83 / 73])
+    assert report["ratios"]["dspark"]["4"] == pytest.approx(111 / 107)  # the median round, not 92 / 92
+    assert "dspark" in format_table(report) and "(1.04x)" in format_table(report)

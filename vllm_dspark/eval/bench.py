@@ -10,7 +10,8 @@ Design (what makes the numbers comparable):
   own (vLLM only pins threads for engine-core subprocesses), so idle engines cost memory, not CPU. On a
   machine where they do not fit, ``--rebuild`` builds each method's engine for its cell and drops it after.
 * **Interleaved**: for round r, for concurrency c, for method m: one cell. Slow drift of the machine (other
-  jobs, thermal state) then hits every method alike; each reported number is the median over rounds.
+  jobs, thermal state) then hits every method alike; tokens/s are medians over rounds, ratios to no speculation
+  the median of each round's ratio (paired: the cells of a round and concurrency run back to back).
 * **Concurrency is a closed loop** on the engine: at most c requests are in flight; whenever one finishes the
   next prompt is added at once (what a serving benchmark's ``max_concurrency`` does), driven through
   ``LLMEngine.add_request`` / ``step``. Unlike waves of c prompts this leaves no slots idle waiting for a
@@ -307,12 +308,17 @@ def _report(args, argv, names, specs, conc, samples, mismatches) -> dict:
                 "tau": 1.0 + sum(s[1] for s in spec) / rounds if rounds else None,
             })
     baseline = "none" if "none" in names else names[0]
-    median = {(r["method"], r["concurrency"]): r["tokens_per_s"] for r in results}
-    ratios = {n: {str(c): median[(n, c)] / median[(baseline, c)] for c in conc} for n in names if n != baseline}
+    # Paired: a round's cells of one concurrency run back to back, so each round's ratio cancels the machine's
+    # slow drift (a cell of no speculation spread 73-107 tokens/s over one 16-minute run on these machines).
+    per_round = {n: {str(c): [s["tokens_per_s"] / b["tokens_per_s"] for s, b in
+                              zip(samples[(n, c)], samples[(baseline, c)])] for c in conc}
+                 for n in names if n != baseline}
+    ratios = {n: {c: statistics.median(v) for c, v in cells.items()} for n, cells in per_round.items()}
     return {
         "results": results,
         "baseline": baseline,
         "ratios": ratios,
+        "ratios_per_round": per_round,
         "outputs_identical": not mismatches,
         "mismatches": mismatches,
         "config": {"target": str(args.target), "drafter": args.drafter, "ablation": args.ablation,
@@ -320,7 +326,8 @@ def _report(args, argv, names, specs, conc, samples, mismatches) -> dict:
                    "max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": args.dtype,
                    "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "seed": args.seed,
                    "concurrency_mode": "closed loop: at most c requests in flight, next prompt added on finish",
-                   "order": "for round, for concurrency, for method (interleaved); median over rounds",
+                   "order": "for round, for concurrency, for method (interleaved); tokens/s: median over rounds; "
+                            "ratios: median over rounds of the round's ratio to the baseline",
                    "engines": "rebuilt per cell" if args.rebuild else "one per method, built once, all alive"},
         "command": shlex.join(["vllm-dspark", "bench", *argv]),
     }
@@ -336,7 +343,8 @@ def format_table(report: dict) -> str:
             f"{r['tokens_per_s']:.1f}" + (f" ({ratio:.2f}x{tau})" if ratio is not None else "")
     width = max(8, *map(len, rows))
     col = max(12, *(len(v) for cells in rows.values() for v in cells.values()))
-    lines = [f"tokens/s, median of {report['config']['rounds']} round(s); (ratio to {report['baseline']}, tau)",
+    lines = [f"tokens/s, median of {report['config']['rounds']} round(s); (ratio to {report['baseline']}: median of "
+             "the rounds' ratios; tau)",
              f"{'method':<{width}}  " + "  ".join(f"{'c=' + str(c):>{col}}" for c in conc)]
     for name, cells in rows.items():
         lines.append(f"{name:<{width}}  " + "  ".join(f"{cells.get(c, '-'):>{col}}" for c in conc))
