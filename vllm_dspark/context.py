@@ -4,10 +4,11 @@ Rows are projected once (never recomputed) and stored in slot-major buffers ``k,
 (S request slots, C capacity, grown by doubling), so a batch of requests is gathered with one
 ``index_select``. ``append(..., defer=True)`` keeps the raw rows until drafting reads their K/V (``gather``) or
 too many are pending: steps that do not draft then cost a list append, and one projection later reads the
-weights once for all of them. Prefix blocks completed while rows are deferred are offered raw and projected
-only when a request takes them, so a request that ends before drafting resumes never has its rows projected. A request's rows must cover positions 0..n-1 without holes: a row that
-would leave a gap raises :class:`ContextGapError` (the caller then stops drafting for that request rather
-than draft from a context with holes).
+weights once for all of them. Prefix blocks completed while their rows are deferred are offered raw and
+projected only when a request takes them: a request that ends before drafting resumes is never projected.
+A request's rows must cover positions 0..n-1 without holes: a row that would leave a gap raises
+:class:`ContextGapError` (the caller then stops drafting for that request rather than draft from a context
+with holes).
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ class ContextBatch:
 
 @dataclass
 class RawBlock:
-    """A prefix block whose last rows were never projected (its request ended while they were deferred):
-    ``k, v`` [m, Ld, kvh, d] for the first m rows, ``feats`` [bs - m, L*Ht] the raw rows from position
-    ``start``. Projected when a request first takes it (:meth:`ContextStore.fill_from_prefix_cache`)."""
+    """A prefix block offered while its last rows were deferred (not projected): ``k, v`` [m, Ld, kvh, d] for
+    the first m rows, ``feats`` [bs - m, L*Ht] the raw rows from position ``start``. Projected when a request
+    first takes it (:meth:`ContextStore.fill_from_prefix_cache`)."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -106,11 +107,10 @@ class ContextStore:
         self._free: list[int] = list(range(initial_slots - 1, -1, -1))
         self.prefix_cache = prefix_cache
         self._chains: dict[str, list[bytes]] = {}  # block keys of each request's cached prefix
-        # Deferred rows per request, (start, features) in arrival order (lengths already count them), and the
-        # first position each request's cover (rows below it are projected, in its slot).
+        # Deferred rows per request, (start, features) in arrival order (lengths already count them); rows below
+        # a request's smallest deferred start are projected, in its slot.
         self._pending: dict[str, list[tuple[int, torch.Tensor]]] = {}
         self._pending_rows = 0
-        self._pending_from: dict[str, int] = {}
 
     # Deferred raw rows kept before all are projected at once. Under load drafting pauses for up to ~1000 steps
     # and a request's rows are projected only if it drafts again; at 32 requests in flight SmolLM2's rows (11 KB
@@ -150,7 +150,6 @@ class ContextStore:
                 # a copy: a view of the runner's buffers may change, or keep a whole step's features alive
                 self._pending.setdefault(req_id, []).append((start, f if owned else f.clone()))
                 self._pending_rows += f.shape[0]
-                self._pending_from[req_id] = min(start, self._pending_from.get(req_id, start))
             if self._pending_rows * f.shape[1] * f.element_size() > self.MAX_PENDING_BYTES:
                 self.flush()
             return
@@ -168,7 +167,6 @@ class ContextStore:
         for req_id in list(self._pending) if req_ids is None else req_ids:
             mine = self._pending.pop(req_id, None)
             if mine is not None:
-                self._pending_from.pop(req_id, None)
                 self._pending_rows -= sum(f.shape[0] for _, f in mine)
                 rows += [(req_id, start, f) for start, f in mine]
         if rows:
@@ -211,11 +209,11 @@ class ContextStore:
         keys = cache.chain(tokens[:n], known)
         self._chains[req_id] = keys
         bs = cache.block_size
-        lo0, hi0 = len(known) * bs, len(keys) * bs
-        p0 = min(self._pending_from.get(req_id, hi0), hi0)  # rows from p0 on are deferred
+        hi0 = len(keys) * bs
+        mine = self._pending.get(req_id, ())
+        p0 = min([hi0, *(start for start, _ in mine)])  # rows from p0 on are deferred
         raw = None
         if p0 < hi0:  # the deferred rows of the new blocks, in arrival order (a later row overwrites)
-            mine = self._pending[req_id]
             raw = mine[0][1].new_empty((hi0 - p0, mine[0][1].shape[1]))
             for start, f in mine:
                 if start < hi0 and start + f.shape[0] > p0:
@@ -272,7 +270,6 @@ class ContextStore:
         """Forget a request (its blocks were offered as they completed; its deferred rows are dropped)."""
         slot = self.slots.pop(req_id, None)
         self._chains.pop(req_id, None)
-        self._pending_from.pop(req_id, None)
         mine = self._pending.pop(req_id, None)
         if mine is not None:
             self._pending_rows -= sum(f.shape[0] for _, f in mine)

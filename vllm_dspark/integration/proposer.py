@@ -53,8 +53,8 @@ class DSparkSettings:
     # SmolLM2's 8192-row draft head with cold caches; see DSparkDrafter.set_head_dtype), the drafter's own
     # elsewhere; "same" = the drafter's dtype; or "float32" | "bfloat16" | "float16".
     head_dtype: str = "auto"
-    # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on; blocks of
-    # requests that ended while drafting was paused are kept unprojected, ~4x larger, until a request takes them).
+    # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on; blocks
+    # completed while drafting was paused are kept unprojected, ~4x larger, until a request takes them).
     prefix_cache_mb: int = 256
     # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
     # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
