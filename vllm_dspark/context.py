@@ -128,6 +128,10 @@ class ContextStore:
         slot = self.slots.get(req_id)
         return 0 if slot is None else self.lengths[slot]
 
+    def deferred_rows(self, req_id: str) -> int:
+        """Rows of this request not projected yet (what reading its K/V would project first)."""
+        return sum(f.shape[0] for _, f in self._pending.get(req_id, ()))
+
     # ----------------------------------------------------------------- updates
     def append(self, rows: list[tuple[str, int, torch.Tensor]], *, defer: bool = False, owned: bool = False) -> None:
         """rows: (req_id, start_position, features [n, L*Ht]) per request; one batched projection for all.

@@ -261,6 +261,16 @@ def test_deferred_rows_beyond_the_memory_cap_are_projected_at_once():
     torch.testing.assert_close(store.k[store.slots["a"], :7], m.context_kv(rows[:7], torch.arange(7))[0])
 
 
+def test_deferred_rows_count_what_reading_a_request_would_project():
+    store = ContextStore(tiny_drafter())
+    rows = torch.randn(10, 96, dtype=torch.float64)
+    store.append([("a", 0, rows[:6]), ("b", 0, rows[:2])], defer=True)
+    store.append([("a", 6, rows[6:7])], defer=True)
+    assert (store.deferred_rows("a"), store.deferred_rows("b"), store.deferred_rows("c")) == (7, 2, 0)
+    store.gather(["a"])
+    assert (store.deferred_rows("a"), store.deferred_rows("b")) == (0, 2)
+
+
 def test_inference_head_copy_in_bfloat16_matches_the_lm_head_to_bfloat16_precision():
     d = tiny_drafter().eval()
     h = torch.randn(2, 3, d.cfg.hidden_size, dtype=d.lm_head.weight.dtype)

@@ -730,3 +730,15 @@ def test_a_small_batch_keeps_drafting_while_its_drafting_steps_measurably_pay():
     assert not prop.payoff.pays(1)
     prop._plan(hopeless, [10], 4, 0.005, batch=1)
     assert prop._pause.until > 0
+
+
+def test_a_probe_drafts_the_requests_with_the_least_deferred_context():
+    from vllm_dspark.integration.proposer import probe_rows
+
+    deferred = [900, 3, 250, 0, 3, 3, 40, 700]
+    assert probe_rows(deferred, turn=0, n=4) == [1, 3, 4, 5]  # 0, then the three 3s
+    assert probe_rows(deferred, turn=5, n=3) == [1, 3, 5]  # ties taken from row 5 on: 5, then (wrapping) 1
+    assert probe_rows([0] * 6, turn=4, n=2) == [4, 5]  # all equal: in turn, as before
+    assert probe_rows([0] * 6, turn=5, n=2) == [0, 5]
+    assert probe_rows([1, 2], turn=0, n=4) == [0, 1]  # fewer rows than n: all
+
