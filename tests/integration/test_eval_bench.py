@@ -120,12 +120,14 @@ def test_bench_cells_ratios_and_lossless(vllm_env, setup, tmp_path):
         assert (r["spec_rounds"] is None) == (m == "none")
         assert r["tau"] is None or r["tau"] >= 1.0
         assert sum(r["generated_tokens"]) > 0
+        assert (r["spec_rounds_per_round"] == [None]) == (m == "none")
     # Fixed K=2: every step of every request drafts (the adaptive default may draft nothing for an untrained
     # drafter whose confidence head promises little).
     assert cells[("dspark-k2", 1)]["spec_rounds"] >= 4 * 8 and cells[("dspark-k2", 1)]["tau"] >= 1.0
     assert set(report["ratios"]) == set(methods) - {"none"}
     assert all(set(v) == {"1", "2"} and all(x > 0 for x in v.values()) for v in report["ratios"].values())
-    assert report["outputs_identical"] is True
+    assert report["outputs_identical"] is True  # methods interleaved in time slices (the default)
+    assert "time slices" in report["config"]["order"]
     assert report["config"]["methods"]["dspark"]["speculative_config"]["num_speculative_tokens"] == K
     fixed = report["config"]["methods"]["dspark-k2"]
     assert fixed["speculative_config"]["num_speculative_tokens"] == 2
@@ -151,7 +153,8 @@ def test_bench_method_names():
         "additional_config"]["dspark"] == {
         "drafter": "/d", "record": False, "lookup": True}
     assert method_kwargs("dspark-lookup-k4", args)["additional_config"]["dspark"] == dict(fixed, lookup=True)
-    assert method_kwargs("none", args) == {}
+    assert method_kwargs("none", args) == {} and method_kwargs("none@b", args) == {}
+    assert method_kwargs("dspark-k3@2", args) == method_kwargs("dspark-k3", args)
     from vllm_dspark.eval.bench import cell_prompts
 
     sized = argparse.Namespace(num_prompts=64, min_prompts=8)

@@ -216,7 +216,8 @@ def test_bench_ratios_pair_each_round_with_its_own_baseline_cell():
     from vllm_dspark.eval.bench import _report, format_table
 
     args = argparse.Namespace(target="t", drafter="d", ablation=None, prompts="mtbench", num_prompts=8, max_tokens=8,
-                              rounds=3, dtype="float32", max_model_len=256, kv_cache_gib=1, seed=0, rebuild=False)
+                              rounds=3, dtype="float32", max_model_len=256, kv_cache_gib=1, seed=0, rebuild=False,
+                              interleave="slices", slice_seconds=1.0)
 
     def cell(rate):
         return {"tokens_per_s": rate, "seconds": 1.0, "generated": 8, "spec": None}
@@ -228,3 +229,46 @@ def test_bench_ratios_pair_each_round_with_its_own_baseline_cell():
     assert per_round == pytest.approx([111 / 107, 1.0, 83 / 73])
     assert report["ratios"]["dspark"]["4"] == pytest.approx(111 / 107)  # the median round, not 92 / 92
     assert "dspark" in format_table(report) and "(1.04x)" in format_table(report)
+
+
+def test_interleaved_closed_loops_take_turns_and_time_only_their_own_steps():
+    """Two engines over the same prompts in time slices: each keeps at most c requests in flight, they alternate
+    in slices of whole steps, and each engine's seconds are its own steps only (the other's are ~3x slower)."""
+    import time
+    import types
+
+    from vllm_dspark.eval.bench import generate_interleaved
+
+    log: list[str] = []
+
+    class Engine:
+        def __init__(self, name: str, step_s: float):
+            self.name, self.step_s, self.live, self.max_live = name, step_s, {}, 0
+
+        def add_request(self, rid, prompt, params):
+            self.live[rid] = prompt["steps"]
+            self.max_live = max(self.max_live, len(self.live))
+
+        def step(self):
+            time.sleep(self.step_s)
+            log.append(self.name)
+            out = []
+            for rid in list(self.live):
+                self.live[rid] -= 1
+                if self.live[rid] == 0:
+                    del self.live[rid]
+                    out.append(types.SimpleNamespace(request_id=rid, finished=True, steps=rid))
+            return out
+
+    fast, slow = Engine("a", 0.002), Engine("b", 0.006)
+    prompts = [{"steps": n} for n in (3, 5, 2, 4, 6, 1)]
+    got = generate_interleaved({"a": types.SimpleNamespace(llm_engine=fast), "b": types.SimpleNamespace(
+        llm_engine=slow)}, prompts, None, 2, slice_seconds=0.01)
+    assert fast.max_live == slow.max_live == 2
+    assert all(o is not None and o.finished for outs, _ in got.values() for o in outs)
+    # 11 steps each (closed loop of 2 over 21 request-steps); slices of 0.01 s: ~5 steps of a, ~2 of b, until a
+    # is done (b then runs alone).
+    assert log.count("a") == log.count("b") == 11
+    runs = [(name, len(list(g))) for name, g in itertools.groupby(log)]
+    assert [name for name, _ in runs[:4]] == ["a", "b", "a", "b"] and max(n for _, n in runs[:4]) <= 6
+    assert got["a"][1] == pytest.approx(11 * 0.002, rel=0.5) and got["b"][1] == pytest.approx(11 * 0.006, rel=0.5)

@@ -511,6 +511,29 @@ def test_measured_step_periods_decide_where_the_pieces_timed_miss_a_cost():
     assert prop.plain_rest <= 0.1
 
 
+def test_a_pause_between_steps_is_not_a_step_cost():
+    """An engine paused between two steps (idle, or while another engine in the process steps: the bench's time
+    slices) neither raises its overhead per step nor adds to the previous step's measured period."""
+    import time
+
+    from vllm_dspark.integration.proposer import _StepTiming
+
+    prop = _bare_proposer()
+    prop.store, prop._last_forward, prop.step_overhead = None, 0.1, 0.002
+    now = time.perf_counter()
+    prop._step_end, prop._timing = now - 0.004, _StepTiming(now - 0.104, 0.1, 4, 4, verified=False, prefill=False)
+    prop.on_finished([])  # a usual gap (4 ms + this call): folded in
+    assert 0.0021 < prop.step_overhead < 0.0035 and prop._timing is None and prop.plain_rest is not None
+    overhead, rest = prop.step_overhead, prop.plain_rest
+    for pause in (0.06, 3600.0):  # > half a forward: another engine's step, an idle engine
+        now = time.perf_counter()
+        prop._step_end = now - pause
+        prop._timing = _StepTiming(now - pause - 0.1, 0.1, 4, 4, verified=False, prefill=False)
+        prop.on_finished([])
+        assert (prop.step_overhead, prop.plain_rest, prop._timing) == (overhead, rest, None)
+    assert prop._step_t0 is not None  # the next step's forward is timed as usual
+
+
 def test_one_unlucky_block_does_not_pause_drafting():
     prop = _bare_proposer()
     prop.step_overhead = 0.2

@@ -9,9 +9,13 @@ Design (what makes the numbers comparable):
   with its own small CPU KV cache, ``--kv-cache-gib``). In-process engines bind no OpenMP threads of their
   own (vLLM only pins threads for engine-core subprocesses), so idle engines cost memory, not CPU. On a
   machine where they do not fit, ``--rebuild`` builds each method's engine for its cell and drops it after.
-* **Interleaved**: for round r, for concurrency c, for method m: one cell. Slow drift of the machine (other
-  jobs, thermal state) then hits every method alike; tokens/s are medians over rounds, ratios to no speculation
-  the median of each round's ratio (paired: the cells of a round and concurrency run back to back).
+* **Interleaved in time slices** (default, ``--interleave slices``): for round r, for concurrency c, every
+  method's closed loop over the same prompts runs at once, the engines taking turns in ``--slice-seconds``
+  slices (A B C A B C ...; who goes first rotates with the round), each timed only while it runs. The machine's
+  drift (other jobs, neighbours on the host) then hits every method alike within the run, not just between runs
+  (back-to-back whole cells, ``--interleave cells``, spread 4-9% on these 2-core machines). tokens/s are medians
+  over rounds, ratios to no speculation the median of each round's ratio. A paused engine only waits: our
+  proposer does not count the wait as a step's cost, so its load-aware policy sees the steps it would see alone.
 * **Concurrency is a closed loop** on the engine: at most c requests are in flight; whenever one finishes the
   next prompt is added at once (what a serving benchmark's ``max_concurrency`` does), driven through
   ``LLMEngine.add_request`` / ``step``. Unlike waves of c prompts this leaves no slots idle waiting for a
@@ -28,7 +32,8 @@ Methods are a registry ``name -> engine kwargs`` (:data:`METHODS`): ``none``, ``
 ``dspark-kN`` (always N drafts: fixed K = N), ``dspark-adaptive-kN`` (load-aware with at most N), and the same
 for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``), ``dspark-lookup[-kN]`` (DSpark with
 prompt lookup for greedy requests whose text repeats). ``ngram-kN`` sets ngram's K.
-E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
+E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. ``NAME@LABEL`` runs another engine of method NAME
+(``--methods none,none@b,dspark``: the A/A ratio none@b / none is the bench's own noise). (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
 """
 from __future__ import annotations
 
@@ -92,6 +97,9 @@ _K_SUFFIX = re.compile(r"^(?P<base>.+)-k(?P<k>[1-9][0-9]*)$")
 
 
 def method_kwargs(name: str, args: argparse.Namespace) -> dict:
+    """Engine kwargs of a method name; ``NAME@LABEL`` is another engine of method NAME (``none,none@b``: an A/A
+    run, which shows how far two identical engines' ratio strays from 1 on this machine)."""
+    name = name.split("@", 1)[0]
     if name in METHODS:
         return METHODS[name](args, None)
     m = _K_SUFFIX.match(name)
@@ -134,23 +142,57 @@ def guard_llvmlite() -> None:
 _request_ids = itertools.count()
 
 
+class ClosedLoop:
+    """One engine generating every prompt with at most ``concurrency`` requests in flight: whenever a request
+    finishes, the next prompt is added before the next step. ``run(seconds)`` steps it for a time slice."""
+
+    def __init__(self, llm, prompts: list[dict], params, concurrency: int):
+        self.engine, self.prompts, self.params, self.concurrency = llm.llm_engine, prompts, params, concurrency
+        self.todo = list(range(len(prompts)))[::-1]
+        self.inflight: dict[str, int] = {}
+        self.outputs: list = [None] * len(prompts)
+        self.seconds = 0.0  # wall time spent in run()
+
+    @property
+    def done(self) -> bool:
+        return not (self.todo or self.inflight)
+
+    def run(self, seconds: float = float("inf")) -> None:
+        """Step until done, or until at least ``seconds`` have passed (whole steps)."""
+        t0 = time.perf_counter()
+        while not self.done:
+            while self.todo and len(self.inflight) < self.concurrency:
+                i = self.todo.pop()
+                rid = f"bench{next(_request_ids)}"
+                self.engine.add_request(rid, self.prompts[i], self.params)
+                self.inflight[rid] = i
+            for out in self.engine.step():
+                if out.finished:
+                    self.outputs[self.inflight.pop(out.request_id)] = out
+            if time.perf_counter() - t0 >= seconds:
+                break
+        self.seconds += time.perf_counter() - t0
+
+
 def generate_closed_loop(llm, prompts: list[dict], params, concurrency: int) -> tuple[list, float]:
     """Generate every prompt with at most ``concurrency`` requests in flight; -> (outputs in prompt order, s)."""
-    engine = llm.llm_engine
-    todo = list(range(len(prompts)))[::-1]
-    inflight: dict[str, int] = {}
-    outputs: list = [None] * len(prompts)
-    t0 = time.perf_counter()
-    while todo or inflight:
-        while todo and len(inflight) < concurrency:
-            i = todo.pop()
-            rid = f"bench{next(_request_ids)}"
-            engine.add_request(rid, prompts[i], params)
-            inflight[rid] = i
-        for out in engine.step():
-            if out.finished:
-                outputs[inflight.pop(out.request_id)] = out
-    return outputs, time.perf_counter() - t0
+    loop = ClosedLoop(llm, prompts, params, concurrency)
+    loop.run()
+    return loop.outputs, loop.seconds
+
+
+def generate_interleaved(llms: dict[str, Any], prompts: list[dict], params, concurrency: int,
+                         slice_seconds: float) -> dict[str, tuple[list, float]]:
+    """Each engine's closed loop over the same prompts, the engines taking turns in time slices of
+    ``slice_seconds`` (A B C A B C ...) until all are done: the machine's drift within the run hits every engine
+    alike. -> {name: (outputs in prompt order, seconds that engine ran)}. A paused engine only waits: our proposer
+    does not count the wait as a step's cost (``DSparkProposer._paused``)."""
+    loops = {n: ClosedLoop(llm, prompts, params, concurrency) for n, llm in llms.items()}
+    while not all(loop.done for loop in loops.values()):
+        for loop in loops.values():
+            if not loop.done:
+                loop.run(slice_seconds)
+    return {n: (loop.outputs, loop.seconds) for n, loop in loops.items()}
 
 
 def _tokenizer(target: str):
@@ -202,7 +244,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None,
                     help="DSpark draft tokens (default: the drafter's block size)")
     ap.add_argument("--warmup-tokens", type=int, default=8, help="untimed warm-up generation per engine (0: none)")
-    ap.add_argument("--rebuild", action="store_true", help="build each engine per cell (when all do not fit)")
+    ap.add_argument("--interleave", choices=("slices", "cells"), default="slices",
+                    help="slices: a round's methods run together, taking turns in time slices (drift cancels "
+                         "within the run); cells: each method's run in turn")
+    ap.add_argument("--slice-seconds", type=float, default=1.0, help="time slice with --interleave slices")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="build each engine per cell (when all do not fit; implies --interleave cells)")
     ap.add_argument("--out", required=True, help="output folder (report.json, PNGs)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -222,6 +269,10 @@ def main(argv: list[str]) -> int:
     conc = _parse_ints(args.concurrency, "--concurrency")
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: expected >= 1")
+    if not args.slice_seconds > 0:
+        raise SystemExit(f"--slice-seconds {args.slice_seconds}: expected > 0")
+    if args.rebuild:
+        args.interleave = "cells"
     prompts = load_prompts(args.prompts, args.num_prompts, 1)
     prepare_env(args.kv_cache_gib)
     guard_llvmlite()
@@ -249,11 +300,9 @@ def main(argv: list[str]) -> int:
             engine(n)
     samples: dict[tuple[str, int], list[dict]] = {(n, c): [] for c in conc for n in names}
     mismatches: list[dict] = []
-    cells = [(r, c, n) for r in range(args.rounds) for c in conc for n in names]
     reference: dict[tuple[int, int], tuple[str, list[list[int]]]] = {}
-    for r, c, n in tqdm(cells, desc="bench cells (round, concurrency, method)"):
-        llm = engine(n)
-        outputs, seconds = generate_closed_loop(llm, token_prompts[: cell_prompts(args, c)], params, c)
+
+    def record(r: int, c: int, n: str, outputs: list, seconds: float) -> None:
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         generated = sum(map(len, tokens))
         samples[(n, c)].append({"tokens_per_s": generated / seconds, "seconds": seconds, "generated": generated,
@@ -263,10 +312,24 @@ def main(argv: list[str]) -> int:
             if a != b and len(mismatches) < 20:
                 mismatches.append({"round": r + 1, "concurrency": c, "method": n, "reference": ref_name, "prompt": i,
                                    "first_diff": next(j for j, (x, y) in enumerate(zip(a + [-1], b + [-2])) if x != y)})
-        if args.rebuild:
-            del llm
-            engines.pop(n)
-            gc.collect()
+
+    if args.interleave == "slices":
+        groups = [(r, c) for r in range(args.rounds) for c in conc]
+        for r, c in tqdm(groups, desc="bench (round, concurrency), methods in time slices"):
+            order = names[r % len(names):] + names[:r % len(names)]  # who goes first rotates
+            results = generate_interleaved({n: engines[n] for n in order}, token_prompts[: cell_prompts(args, c)],
+                                           params, c, args.slice_seconds)
+            for n in names:
+                record(r, c, n, *results[n])
+    else:
+        cells = [(r, c, n) for r in range(args.rounds) for c in conc for n in names]
+        for r, c, n in tqdm(cells, desc="bench cells (round, concurrency, method)"):
+            llm = engine(n)
+            record(r, c, n, *generate_closed_loop(llm, token_prompts[: cell_prompts(args, c)], params, c))
+            if args.rebuild:
+                del llm
+                engines.pop(n)
+                gc.collect()
 
     report = _report(args, argv, names, specs, conc, samples, mismatches)
     out = Path(args.out)
@@ -305,6 +368,7 @@ def _report(args, argv, names, specs, conc, samples, mismatches) -> dict:
                 # Verified rounds and tokens per round incl. the bonus; None for no speculation (tau is also
                 # None for a speculative method that never drafted, e.g. ngram without n-gram matches).
                 "spec_rounds": rounds if spec else None,
+                "spec_rounds_per_round": [s["spec"][0] if s["spec"] is not None else None for s in cell],
                 "tau": 1.0 + sum(s[1] for s in spec) / rounds if rounds else None,
             })
     baseline = "none" if "none" in names else names[0]
@@ -326,8 +390,11 @@ def _report(args, argv, names, specs, conc, samples, mismatches) -> dict:
                    "max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": args.dtype,
                    "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "seed": args.seed,
                    "concurrency_mode": "closed loop: at most c requests in flight, next prompt added on finish",
-                   "order": "for round, for concurrency, for method (interleaved); tokens/s: median over rounds; "
-                            "ratios: median over rounds of the round's ratio to the baseline",
+                   "order": ("for round, for concurrency: the methods' closed loops together, taking turns in "
+                             f"time slices of {args.slice_seconds} s" if args.interleave == "slices" else
+                             "for round, for concurrency, for method (cells in turn)")
+                            + "; tokens/s: median over rounds; ratios: median over rounds of the round's ratio to "
+                              "the baseline",
                    "engines": "rebuilt per cell" if args.rebuild else "one per method, built once, all alive"},
         "command": shlex.join(["vllm-dspark", "bench", *argv]),
     }

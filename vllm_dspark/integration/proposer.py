@@ -303,10 +303,13 @@ class DSparkProposer:
     # ------------------------------------------------------------------ step hooks
     def on_finished(self, req_ids) -> None:
         now = self._step_t0 = time.perf_counter()  # a step starts: its forward is timed until ingest
-        if self._step_end is not None:  # clamped: an idle engine between two generate() calls is not overhead
-            gap = min(now - self._step_end, self._last_forward)
-            self.step_overhead = gap if self.step_overhead == 0.0 else 0.9 * self.step_overhead + 0.1 * gap
-            self._step_end = None
+        if self._step_end is not None:
+            gap, self._step_end = now - self._step_end, None
+            if self._paused(gap):  # the previous step's period is not a step's cost: not observed
+                self._timing = None
+            else:  # clamped: the first gap may be a pause too
+                gap = min(gap, self._last_forward)
+                self.step_overhead = gap if self.step_overhead == 0.0 else 0.9 * self.step_overhead + 0.1 * gap
         if self._timing is not None:
             self._observe_period(now)
         if self.store is None:
@@ -318,6 +321,17 @@ class DSparkProposer:
             self._looked_up.discard(r)
         if req_ids:
             metrics.publish(self, force=not self.store.slots)  # an idle engine reports 0 active at once
+
+    # A gap between our part of one step and the next step's start longer than this many forwards, and than
+    # PAUSE_OVERHEADS times the engine's usual gap, is the engine waiting (idle between generate() calls, or
+    # paused while another engine in the process steps: `vllm-dspark bench` interleaves engines in time slices),
+    # not what a step costs.
+    PAUSE_FORWARDS = 0.5
+    PAUSE_OVERHEADS = 4.0
+
+    def _paused(self, gap: float) -> bool:
+        return self.step_overhead > 0.0 and gap > max(self.PAUSE_FORWARDS * self._last_forward,
+                                                      self.PAUSE_OVERHEADS * self.step_overhead)
 
     @property
     def num_active_requests(self) -> int:
