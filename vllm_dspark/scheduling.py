@@ -464,22 +464,24 @@ class PayoffMeter:
     were seen (None before), shrunk towards 1 by ``z`` standard errors of the drafting steps' mean tokens (a
     single request's tokens per step vary by ~45%: after 32 steps its rate is known to ~8%, and an unshrunk
     correction paused drafting at concurrency 1 where it paid 11%) and clipped to [1/``clip``, ``clip``].
-    ``pays(b)``: the measured ratio is above 1 by more than ``z`` standard errors. ``wants_plain(b, step)``:
+    ``pays(b)``: the measured ratio is above 1 by more than ``z`` standard errors; ``loses(b, step)``: below 1 by
+    more than that, measured by a drafting step at most ``stale_after`` steps ago. ``wants_plain(b, step)``:
     enough drafting steps of batch b but too few plain ones (never measured, or last measured ``refresh`` steps
     ago): the caller should pause drafting for at least ``min_plain`` steps to measure them.
     """
 
     def __init__(self, max_batch: int = 8, half_life: float = 256.0, min_draft: int = 32, min_plain: int = 16,
-                 refresh: int = 4096, clip: float = 2.0, z: float = 2.0):
+                 refresh: int = 4096, clip: float = 2.0, z: float = 2.0, stale_after: int = 1024):
         if max_batch < 1 or min_draft < 1 or min_plain < 1 or half_life <= 0 or clip < 1:
             raise ValueError("PayoffMeter: expected max_batch, min_draft, min_plain >= 1, half_life > 0, clip >= 1")
         self.max_batch, self.min_draft, self.min_plain = max_batch, min_draft, min_plain
-        self.refresh, self.clip, self.z = refresh, clip, z
+        self.refresh, self.clip, self.z, self.stale_after = refresh, clip, z, stale_after
         self.decay = 0.5 ** (1.0 / half_life)
         # batch -> [n, tokens, seconds, predicted ratio, tokens^2] sums for drafting (0) and plain (1) steps
         self._sums: dict[int, list[list[float]]] = {}
         self._seen: dict[int, list[int]] = {}  # batch -> [drafting, plain] steps observed
         self._plain_step: dict[int, int] = {}  # batch -> the step whose plain measurement last came in
+        self._draft_step: dict[int, int] = {}  # batch -> the step whose drafting measurement last came in
 
     def observe(self, batch: int, drafting: bool, tokens: int, seconds: float, predicted: float | None = None,
                 step: int = 0) -> None:
@@ -494,8 +496,7 @@ class PayoffMeter:
         for i, x in enumerate((1.0, float(tokens), float(seconds), float(predicted or 0.0), float(tokens) ** 2)):
             sums[i] = d * sums[i] + x
         self._seen.setdefault(batch, [0, 0])[0 if drafting else 1] += 1
-        if not drafting:
-            self._plain_step[batch] = step
+        (self._draft_step if drafting else self._plain_step)[batch] = step
 
     def count(self, batch: int) -> tuple[int, int]:
         """(drafting, plain) steps measured at ``batch``."""
@@ -519,6 +520,14 @@ class PayoffMeter:
         """Whether drafting at ``batch`` measurably pays: the measured ratio ``z`` standard errors below is > 1."""
         m = self.measured(batch)
         return m is not None and m * (1.0 - self.z * self._stderr(batch)) > 1.0
+
+    def loses(self, batch: int, step: int) -> bool:
+        """Whether drafting at ``batch`` measurably does not pay (``z`` standard errors above the measured ratio
+        is < 1), measured by drafting steps the last of which is at most ``stale_after`` steps before ``step``."""
+        m = self.measured(batch)
+        if m is None or step - self._draft_step.get(batch, step) > self.stale_after:
+            return False
+        return m * (1.0 + self.z * self._stderr(batch)) < 1.0
 
     def correction(self, batch: int) -> float | None:
         m = self.measured(batch)

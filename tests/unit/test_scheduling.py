@@ -708,6 +708,38 @@ def test_measured_payoff_overrides_the_predicted_one(caplog):
     assert prop._pause.until == 0
 
 
+def test_a_batch_size_measured_to_lose_pauses_without_probing():
+    """Drafting at 4 requests measured 0.9x the tokens/s of plain steps: 4-request batches skip drafting with
+    growing pauses (not a probe every 32 steps) until that measurement is stale; noise within two standard errors,
+    other batch sizes and a missing plain measurement do not count as losing."""
+    from vllm_dspark.scheduling import PayoffMeter
+
+    def meter(draft_tokens, stale_after=1024):
+        m = PayoffMeter(min_draft=8, min_plain=4, stale_after=stale_after)
+        for i in range(8):  # 0.125 s per drafting step
+            m.observe(4, True, draft_tokens(i), 0.125, predicted=1.2, step=i)
+        assert not m.loses(4, 8)  # no plain steps yet
+        for i in range(4):  # plain: 4 tokens per 0.09 s = 44.4 tok/s
+            m.observe(4, False, 4, 0.09, step=10 + i)
+        return m
+
+    steady = meter(lambda i: 5, stale_after=100)  # 40 tok/s
+    assert steady.measured(4) == pytest.approx(0.9)
+    assert steady.loses(4, 20) and not steady.pays(4) and not steady.loses(3, 20)
+    assert steady.loses(4, 7 + 100) and not steady.loses(4, 7 + 101)  # last drafting step at 7: stale after 100
+    noisy = meter(lambda i: 1 + 8 * (i % 2))  # also 40 tok/s, but 1 or 9 tokens per step
+    assert noisy.measured(4) == pytest.approx(0.9, rel=0.01) and not noisy.loses(4, 20)
+
+    prop = _bare_proposer()
+    prop.payoff, prop.store, prop.adaptive = meter(lambda i: 5), object(), True
+    prop.stats.steps, pauses = 20, []
+    for _ in range(4):
+        prop.stats.steps = max(prop.stats.steps, prop._pause.until)  # the previous pause is over
+        assert prop._propose([[1]] * 4, np.full(4, 10)) == [[]] * 4
+        pauses.append(prop._pause.until - (prop.stats.steps - 1))
+    assert pauses == [32, 64, 128, 256]
+
+
 def test_payoff_correction_is_shrunk_by_the_noise_of_few_drafting_steps():
     """A single request emits 1 or 3 tokens per drafting step: after 32 steps a 15% shortfall against the model is
     within two standard errors (no correction); after 400 it is not (corrected, less the remaining error)."""

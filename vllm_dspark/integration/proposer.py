@@ -60,8 +60,9 @@ class DSparkSettings:
     # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
     mode: str = "adaptive"
     # Adaptive mode: steps to skip drafting after drafting was found not worth its cost; under load (batches
-    # above 4 requests) doubled after each further such verdict, up to probe_interval_max, and back to
-    # probe_interval when drafting pays again or the batch halves. See scheduling.DraftPause.
+    # above 4 requests, or a batch size whose drafting steps measured slower than plain ones) doubled after each
+    # further such verdict, up to probe_interval_max, and back to probe_interval when drafting pays again or the
+    # batch halves. See scheduling.DraftPause.
     probe_interval: int = 32
     probe_interval_max: int = 1024
     # Prompt lookup (vllm_dspark.lookup): a greedy request whose text has an earlier occurrence of its last
@@ -437,6 +438,13 @@ class DSparkProposer:
             return out
         t0 = time.perf_counter()
         if self.adaptive and self._pause.active(self.stats.steps, len(sampled_token_ids)):
+            self.stats.steps += 1
+            return out
+        if self.adaptive and self.payoff.loses(len(self._batch_req_ids), self.stats.steps):
+            # Drafting steps of this batch size measured slower (in tokens/s) than plain ones, lately: pause at
+            # once, growing, instead of a probe every probe_interval steps (at 4 requests on SmolLM2 / this CPU:
+            # ~2% of throughput); once that measurement is stale a probe drafts again and renews it.
+            self._pause.not_worth_it(self.stats.steps, len(sampled_token_ids))
             self.stats.steps += 1
             return out
         k = max(0, min(self.num_spec_tokens, self._budget, self._g if self.adaptive else self.num_spec_tokens))
