@@ -32,8 +32,9 @@ Methods are a registry ``name -> engine kwargs`` (:data:`METHODS`): ``none``, ``
 ``dspark-kN`` (always N drafts: fixed K = N), ``dspark-adaptive-kN`` (load-aware with at most N), and the same
 for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``), ``dspark-lookup[-kN]`` (DSpark with
 prompt lookup for greedy requests whose text repeats). ``ngram-kN`` sets ngram's K.
-E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. ``NAME@LABEL`` runs another engine of method NAME
-(``--methods none,none@b,dspark``: the A/A ratio none@b / none is the bench's own noise). (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
+E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
+``NAME@LABEL`` runs another engine of method NAME (``--methods none,none@b,dspark``: the A/A ratio none@b / none
+is the bench's own noise).
 """
 from __future__ import annotations
 
