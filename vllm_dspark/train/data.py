@@ -60,7 +60,7 @@ def load_dialogues(spec: str, *, include_eval: bool = False) -> list[tuple[str, 
         if not path.is_file():
             raise SystemExit(f"vllm-dspark gen-data: --prompts {spec!r}: expected 'sharegpt', 'mtbench' or a file")
         pairs = []
-        for i, line in enumerate(path.read_text().splitlines()):
+        for i, line in enumerate(path.read_text().split("\n")):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
@@ -203,7 +203,7 @@ def main(argv: list[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.exists():
-        for line in out.read_text().splitlines():
+        for line in out.read_text().split("\n"):  # not splitlines(): U+2028 may sit inside a JSON string
             try:
                 done.add(json.loads(line)["id"])
             except (json.JSONDecodeError, KeyError):
