@@ -17,4 +17,4 @@ THREADS=$(taskset -c "$CORES" nproc)
 OMP_NUM_THREADS=$THREADS VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 \
   exec nice -n "${NICE:--5}" taskset -c "$CORES" $PY/vllm-dspark gen-data --target "$TARGET" \
   --prompts sharegpt --out "$RUNS/data/sharegpt_smollm2_mt.jsonl" --max-turns "${MAX_TURNS:-3}" --max-tokens 256 \
-  --max-model-len 1536 --concurrency "${CONCURRENCY:-128}" "$@"
+  --max-model-len 1536 --concurrency "${CONCURRENCY:-128}" --kv-cache-gib "${KV_GIB:-4}" "$@"

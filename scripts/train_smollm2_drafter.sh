@@ -10,6 +10,13 @@
 #   answers, to 2600 ShareGPT prompts (2371 fit a 256-token prompt budget). Tau 1.37 (ablation 1.34) at 2000
 #   steps: at this budget the drafter is compute-bound, not data-bound (teacher-forced greedy acceptance on its
 #   own training data is ~0.30 at position 1 after 1000 steps with either recipe).
+# RECIPE=campaign (the drafter in training, issue 21; INSTALL=0 until it beats the shipped one): the target's own
+#   answers from scripts/gen_smollm2_data.sh (run it first, in the background: it keeps writing while this trains;
+#   each restart of this script reads what is there), plus ShareGPT's human answers with the target's greedy
+#   token as the CE label; every supervised position an anchor; a held-out set of 64 target-written conversations
+#   (the corpus's first 64, frozen in runs/data/heldout.jsonl) evaluated every 25 steps into the run's
+#   learning_curve.png. One thread pinned to CORES (default 1: gen-data holds core 0). Checkpoints every 10 steps;
+#   rerun to resume. The Markov-less ablation runs once the main run has reached STEPS, at equal steps.
 # INSTALL=0: leave drafters/ as it is (the shipped weights are committed; only RECIPE=mix installs by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +61,32 @@ open(f"{runs}/data/train_own.jsonl", "w").write("\n".join(rows) + "\n")
 print(f"train_own: {len(rows)} conversations answered by the target")
 PY
     ;;
-  *) echo "RECIPE=$RECIPE: expected mix or own" >&2; exit 2 ;;
+  campaign)
+    GEN="$RUNS/data/sharegpt_smollm2_mt.jsonl"; HUMAN="$RUNS/data/sharegpt_original.jsonl"
+    HELD="$RUNS/data/heldout.jsonl"; STEPS=${STEPS:-4000}; CORES=${CORES:-1}
+    [ -s "$HUMAN" ] || $PY/vllm-dspark gen-data --target "$TARGET" --prompts sharegpt --original-answers --out "$HUMAN"
+    if [ ! -s "$HELD" ]; then
+      [ "$(wc -l < "$GEN" 2>/dev/null || echo 0)" -ge 64 ] || {
+        echo "campaign: $GEN has fewer than 64 conversations; run scripts/gen_smollm2_data.sh first" >&2; exit 2; }
+      head -64 "$GEN" > "$HELD"
+    fi
+    COMMON=(--target "$TARGET" --data "$GEN,$HUMAN" --heldout "$HELD" --eval-every 25 --layers 2 --block-size 7
+            --draft-vocab 16384 --steps "$STEPS" --batch-size 4 --micro-batch-size 2 --anchors-per-seq 0
+            --max-len 512 --lr 6e-4 --min-lr-frac 0.1 --ce-labels target --save-every 10 --threads 1
+            --save-dtype bfloat16)
+    resume() { [ -d "$1/checkpoints" ] && echo --resume "$1" || true; }
+    OUT="$RUNS/smollm2-campaign"; ABL="$RUNS/smollm2-campaign-ablation"
+    taskset -c "$CORES" $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 256 --loss dspark ${EXTRA:-} \
+      --out "$OUT" $(resume "$OUT") 2>> "$RUNS/train-campaign.log"
+    taskset -c "$CORES" $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 0 --loss ce ${EXTRA:-} \
+      --out "$ABL" $(resume "$ABL") 2>> "$RUNS/train-campaign-ablation.log"
+    if [ "${INSTALL:-0}" = 1 ]; then
+      mkdir -p drafters/smollm2-135m-dspark
+      cp "$OUT/config.json" "$OUT/model.safetensors" drafters/smollm2-135m-dspark/
+    fi
+    exit 0
+    ;;
+  *) echo "RECIPE=$RECIPE: expected mix, own or campaign" >&2; exit 2 ;;
 esac
 
 # Cost knobs for 2 CPU cores: the 8192 most frequent assistant tokens as the draft vocabulary (d2t; ~97% of the

@@ -131,12 +131,12 @@ def build_smooth_llama(logit_scale: float = 1.0):
 
 def own_answers(model, tokenizer, n: int, seed: int, new_tokens: int = 48, temperature: float = 0.0):
     """The target's answers to ``n`` random chat prompts, kept as token ids (no text round trip), as
-    ``trainer.Example`` rows (loss mask on the answer). Greedy by default; ``temperature`` > 0 samples
+    ``examples.Example`` rows (loss mask on the answer). Greedy by default; ``temperature`` > 0 samples
     (no top-k/top-p, seeded by ``seed``)."""
     import random
 
     import torch
-    from vllm_dspark.train import trainer
+    from vllm_dspark.train import examples
 
     rng = random.Random(seed)
     prompts = [tokenizer.apply_chat_template(
@@ -151,7 +151,7 @@ def own_answers(model, tokenizer, n: int, seed: int, new_tokens: int = 48, tempe
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=new_tokens,
                              pad_token_id=0, **sampling)
-    return [trainer.Example(p + out[i, T:].tolist(), [False] * len(p) + [True] * new_tokens)
+    return [examples.Example(p + out[i, T:].tolist(), [False] * len(p) + [True] * new_tokens)
             for i, p in enumerate(prompts)]
 
 
@@ -160,7 +160,7 @@ def train_in_memory(drafter, target, data, *, steps: int, lr: float = 3e-3, batc
     need a drafter that learned something. Returns the last step's stats."""
     import torch
 
-    from vllm_dspark.train import trainer
+    from vllm_dspark.train import examples, trainer
 
     args = trainer.build_parser().parse_args(["--target", "-", "--data", "-", "--out", "-",
                                               "--anchors-per-seq", "16", "--batch-size", str(batch)])
@@ -171,7 +171,7 @@ def train_in_memory(drafter, target, data, *, steps: int, lr: float = 3e-3, batc
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = trainer.get_lr(step, steps, lr, 0.04)
-        idx = trainer.batch_indices(step, batch, len(data), seed=0)
+        idx = examples.batch_indices(step, batch, len(data), seed=0)
         _, stats, _, _ = trainer.train_step(module, target, [data[i] for i in idx],
                                          [step * batch + j for j in range(batch)], args=args, pad_id=0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)

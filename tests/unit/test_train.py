@@ -20,9 +20,11 @@ from tiny_models import own_answers, train_in_memory
 from vllm_dspark.checkpoint import init_weights, load_drafter
 from vllm_dspark.config import DSparkConfig
 from vllm_dspark.model.drafter import DSparkDrafter, block_attention_mask
+from vllm_dspark.train import examples as train_examples
 from vllm_dspark.train import trainer
 from vllm_dspark.train.features import TargetFeatures, load_target
 from vllm_dspark.train.loss import dspark_loss, sample_anchors, supervision
+from vllm_dspark.train.monitor import greedy_acceptance
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -161,7 +163,7 @@ def test_chat_mask_covers_assistant_turns_up_to_their_end_token(tiny_llama_dir):
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     msgs = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "the first answer"},
             {"role": "user", "content": "and again"}, {"role": "assistant", "content": "a second one"}]
-    ex = trainer.encode_conversation(tok, msgs, 512, trainer.end_token_ids(tok))
+    ex = train_examples.encode_conversation(tok, msgs, 512, train_examples.end_token_ids(tok))
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     spans, start = [], None
     for i, flag in enumerate(ex.mask + [False]):
@@ -175,7 +177,7 @@ def test_chat_mask_covers_assistant_turns_up_to_their_end_token(tiny_llama_dir):
         assert tok.decode(ex.ids[s:e - 1]) == msg["content"] and ex.ids[e - 1] == im_end
     prefix = tok.apply_chat_template(msgs[:1], tokenize=True, add_generation_prompt=True)["input_ids"]
     assert spans[0][0] == len(prefix)
-    assert trainer.encode_conversation(tok, msgs, 10, trainer.end_token_ids(tok)).ids == ex.ids[:10]
+    assert train_examples.encode_conversation(tok, msgs, 10, train_examples.end_token_ids(tok)).ids == ex.ids[:10]
 
 
 # ----------------------------------------------------------------------------- target features
@@ -211,10 +213,10 @@ def test_training_raises_greedy_acceptance_on_held_out_prompts(smooth_target, ti
     drafter = trainer.new_drafter(smooth_target, smooth_target.config.to_dict(), seed=0, num_layers=2,
                                   markov_rank=32, block_size=4, num_target_layer_ids=2)
     target = TargetFeatures(smooth_target, drafter.cfg.target_layer_ids)
-    before = trainer.greedy_acceptance(drafter, target, held_out, anchors_per_seq=16)
+    before = greedy_acceptance(drafter, target, held_out, anchors_per_seq=16)
 
     train_in_memory(drafter, target, train_set, steps=300)
-    after = trainer.greedy_acceptance(drafter, target, held_out, anchors_per_seq=16)
+    after = greedy_acceptance(drafter, target, held_out, anchors_per_seq=16)
     assert before.rounds == after.rounds == 96
     assert before.survival[0] <= 0.02  # an untrained drafter guesses (almost) nothing
     assert after.survival[0] >= 0.15 and after.tau >= before.tau + 0.15, (before, after)
@@ -272,11 +274,11 @@ def test_resume_continues_exactly(tiny_llama_dir, chat_file, tmp_path, draft_voc
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-        examples, _ = trainer.load_examples(chat_file, tok, 512)
-        counts = trainer.token_counts(examples, json.loads((tiny_llama_dir / "config.json").read_text()))
+        examples, _ = train_examples.load_examples(chat_file, tok, 512)
+        counts = train_examples.token_counts(examples, json.loads((tiny_llama_dir / "config.json").read_text()))
         ids = final.draft_token_ids
         assert final.cfg.draft_vocab == ids.numel() == draft_vocab
-        assert set(trainer.end_token_ids(tok)) <= set(ids.tolist())
+        assert set(train_examples.end_token_ids(tok)) <= set(ids.tolist())
         assert counts[ids].min() >= counts.sort(descending=True).values[draft_vocab - 1]
         assert torch.equal(final.lm_head.weight, load_target(tiny_llama_dir).lm_head.weight[ids])
     else:
@@ -415,10 +417,10 @@ def test_examples_load_across_files_skip_heldout_ids_and_keep_unicode_line_separ
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(row("x", "one\u2028two") + row("y", "three"))  # U+2028 is a line break to str.splitlines()
     b.write_text(row("z", "four") + '{"id": "w", "messa')  # a line still being written by gen-data
-    examples, dropped = trainer.load_examples(f"{a},{b}", tok, 64, exclude={"y"})
+    examples, dropped = train_examples.load_examples(f"{a},{b}", tok, 64, exclude={"y"})
     assert len(examples) == 2 and dropped == 0
     assert "one\u2028two" in tok.decode(examples[0].ids) and "four" in tok.decode(examples[1].ids)
-    assert trainer.read_ids(a) == {"x", "y"}
+    assert train_examples.read_ids(a) == {"x", "y"}
 
 
 def test_packed_block_attention_equals_a_dense_mask():

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..model.drafter import DSparkDrafter
+from .examples import Example, anchor_generator, collate
+from .features import TargetFeatures
 from .loss import packed_block_hidden, sample_anchors, supervision
 
 
@@ -25,8 +29,6 @@ class HeldOut:
     """A fixed evaluation set: ``accuracy(drafter)`` -> [g] teacher-forced greedy accuracy per position."""
 
     def __init__(self, target, examples: list, g: int, *, anchors_per_seq: int = 32, seed: int = 1234):
-        from .trainer import collate
-
         if not examples:
             raise ValueError("held-out set: no conversation with an assistant turn")
         self.items = []  # (features fp16 [1, T, F], ids [1, T], anchors [1, m], sup [1, m, g], labels [1, T])
@@ -103,3 +105,70 @@ def plot_learning_curve(log_path: str | Path, out_path: str | Path) -> Path | No
     out_path = Path(out_path)
     fig.savefig(out_path, format="png")
     return out_path
+
+
+@dataclass
+class Acceptance:
+    tau: float  # mean (accepted drafts + 1) per round
+    survival: list[float]  # P(at least k drafts accepted), k = 1..g
+    conditional: list[float]  # P(k accepted | k-1 accepted)
+    rounds: int
+
+
+@torch.no_grad()
+def greedy_acceptance(drafter: DSparkDrafter, target: TargetFeatures, sequences: list[Example] | list[list[int]],
+                      g: int | None = None, *, anchors_per_seq: int = 16, seed: int = 0) -> Acceptance:
+    """Greedy speculative decoding, one round per anchor, against the real target.
+
+    For each sequence and up to ``anchors_per_seq`` anchors a (next token supervised; any a >= 0 for plain id
+    lists): the drafter drafts g tokens greedily (block pass + Markov argmax chain) from the target's features
+    of positions < a; the target then verifies [x_0..x_a, d_1..d_g] in one forward and accepts the drafts
+    while d_k equals its argmax, exactly as greedy verification would.
+    """
+    g = g or drafter.cfg.block_size
+    if g > drafter.cfg.block_size:
+        raise ValueError(f"g={g}: expected at most the drafter's block_size={drafter.cfg.block_size}")
+    was_training = drafter.training
+    drafter.eval()
+    accepted: list[int] = []
+    for i, seq in enumerate(sequences):
+        ex = seq if isinstance(seq, Example) else Example(list(seq), [True] * len(seq))
+        device = drafter.fc.weight.device
+        ids = torch.tensor(ex.ids, device=device)[None]
+        mask = torch.tensor(ex.mask, device=device)[None]
+        anchors = sample_anchors(mask, anchors_per_seq, [anchor_generator(seed, i)])  # [1, m]
+        anchors = anchors[anchors >= 0][None]
+        if anchors.numel() == 0:
+            continue
+        tgt = target(ids)
+        h, _ = packed_block_hidden(drafter, tgt.features, ids, anchors)
+        m = anchors.shape[1]
+        base = drafter.base_logits(drafter.prediction_rows(h).view(m, drafter.cfg.block_size, -1)[:, :g])  # [m,g,V]
+        prev = ids[0, anchors[0]]  # [m]
+        drafts = []
+        for k in range(g):  # the sequential Markov chain (base only for the Markov-less ablation)
+            logits = base[:, k]
+            if drafter.markov_head is not None:
+                logits = logits + drafter.markov_head.bias(drafter.markov_head.embed(prev)).float()
+            prev = drafter.to_target_ids(logits.argmax(-1))
+            drafts.append(prev)
+        drafts = torch.stack(drafts, 1)  # [m, g]
+        # Verification rows [x_0..x_a, d_1..d_g], right-padded.
+        rows = [torch.cat([ids[0, : int(a) + 1], drafts[j]]) for j, a in enumerate(anchors[0])]
+        width = max(len(r) for r in rows)
+        batch = torch.zeros(m, width, dtype=torch.long, device=device)
+        attn = torch.zeros(m, width, dtype=torch.long, device=device)
+        for j, r in enumerate(rows):
+            batch[j, : len(r)], attn[j, : len(r)] = r, 1
+        logits = target.model(input_ids=batch, attention_mask=attn, use_cache=False).logits  # [m, width, V]
+        for j, a in enumerate(anchors[0].tolist()):
+            verdict = logits[j, a: a + g].argmax(-1) == drafts[j]  # target's choice after x_a, d_1.., d_{k-1}
+            accepted.append(int(verdict.long().cumprod(0).sum()))
+    if was_training:
+        drafter.train()
+    n = max(1, len(accepted))
+    acc = torch.tensor(accepted, dtype=torch.float64)
+    survival = [float((acc >= k).sum()) / n for k in range(1, g + 1)]
+    conditional = [survival[0]] + [survival[k] / survival[k - 1] if survival[k - 1] else 0.0 for k in range(1, g)]
+    return Acceptance(tau=1 + float(acc.mean()) if accepted else 1.0, survival=survival, conditional=conditional,
+                      rounds=len(accepted))

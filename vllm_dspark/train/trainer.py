@@ -1,9 +1,9 @@
 """`vllm-dspark train`: distil a DSpark drafter from a frozen HF target, online (no feature dump needed).
 
-Read top to bottom: defaults, data (chat-template tokens + assistant loss mask, deterministic batches), the
-learning-rate schedule, the drafter, one training step, checkpoints, the loop, a quick greedy-acceptance eval,
-and the CLI. Every step's target features come from one target forward on the step's sequences
-(:mod:`.features`); the loss is :func:`.loss.dspark_loss`.
+Read top to bottom: defaults, the learning-rate schedule, the drafter, one training step, checkpoints, the loop
+and the CLI; the data and its batch order live in :mod:`.examples`, held-out evaluation in :mod:`.monitor`.
+Every step's target features come from one target forward on the step's sequences (:mod:`.features`); the loss
+is :func:`.loss.dspark_loss`.
 
 Exact resume: a batch is a pure function of (seed, step) and each sequence's anchors of (seed, its index in the
 sample stream), so ``trainer_state.pt`` (weights in float32, optimizer, step, RNG states) is all a resumed run
@@ -14,7 +14,6 @@ weight sum (known before the forward) so the averaged gradient equals the single
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -22,9 +21,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -33,10 +30,10 @@ from torch import nn
 from ..checkpoint import load_drafter, new_drafter, save_drafter, select_draft_vocab, set_lm_head, target_embeddings
 from ..config import DSparkConfig
 from ..model.drafter import DSparkDrafter
-from .data import prompt_length, token_ids
+from .examples import Example, anchor_generator, batch_indices, collate, end_token_ids, load_examples, read_ids, \
+    token_counts
 from .features import TargetFeatures, load_target
-from .loss import CE_LABELS, LOSS_TYPES, LossStats, dspark_loss, expected_tau, packed_block_hidden, sample_anchors, \
-    supervised_weight
+from .loss import CE_LABELS, LOSS_TYPES, LossStats, dspark_loss, expected_tau, sample_anchors, supervised_weight
 from .monitor import HeldOut, plot_learning_curve, tau_estimate
 from .warmstart import copy_target_layers, feature_scale, folded
 
@@ -67,116 +64,6 @@ DEFAULTS = dict(
     heldout_size=64,  # conversations of --heldout evaluated
     save_dtype="float32",  # "bfloat16" halves the final checkpoint
 )
-
-
-# ----------------------------------------------------------------------------- data
-@dataclass
-class Example:
-    ids: list[int]  # chat-template tokens, truncated to max_len
-    mask: list[bool]  # True on assistant tokens (up to and including each turn's end token)
-
-
-def end_token_ids(tokenizer) -> set[int]:
-    """Ids that end an assistant turn: eos plus the usual chat end markers the vocabulary has."""
-    ends = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ends.add(tid)
-    return ends
-
-
-def encode_conversation(tokenizer, messages: list[dict], max_len: int, end_ids: set[int]) -> Example:
-    """Tokens of the whole chat and its loss mask: for every assistant turn, the tokens after the prefix rendered
-    with ``add_generation_prompt=True`` up to and including the turn's end token. Turns whose rendering is not a
-    prefix of the full chat (templates that rewrite history) are left unsupervised."""
-    full = token_ids(tokenizer.apply_chat_template(messages, tokenize=True))
-    mask = [False] * len(full)
-    for i, msg in enumerate(messages):
-        if msg.get("role") != "assistant":
-            continue
-        start = prompt_length(tokenizer, messages[:i])
-        upto = token_ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
-        if full[: len(upto)] != upto or full[:start] != upto[:start]:
-            continue
-        stop = len(upto)
-        ends = [j for j in range(start, stop) if full[j] in end_ids]
-        if ends:
-            stop = ends[0] + 1  # the template's trailing newline after the end token is never generated
-        mask[start:stop] = [True] * (stop - start)
-    return Example(full[:max_len], mask[:max_len])
-
-
-def read_ids(path: str | Path) -> set[str]:
-    """The "id" of every row of a JSONL file."""
-    return {json.loads(line).get("id") for line in Path(path).read_text().split("\n") if line.strip()}
-
-
-def load_examples(path: str | Path, tokenizer, max_len: int, *, exclude: set[str] = frozenset(),
-                  limit: int | None = None) -> tuple[list[Example], int]:
-    """JSONL from `vllm-dspark gen-data` (several files: comma-separated) -> (examples with at least one anchor,
-    number dropped). Rows whose "id" is in ``exclude`` (a held-out set) are skipped; at most ``limit`` kept. A
-    last line cut by a writer still appending (gen-data running) is ignored."""
-    end_ids = end_token_ids(tokenizer)
-    out, dropped = [], 0
-    for one in str(path).split(","):
-        lines = Path(one).read_text().split("\n")  # not splitlines(): U+2028 may sit inside a JSON string
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                messages = row["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                if lineno == len(lines) and isinstance(e, json.JSONDecodeError):
-                    continue
-                raise ValueError(f"{one}:{lineno}: expected a JSON object with 'messages' ({e})") from None
-            if row.get("id") in exclude:
-                continue
-            ex = encode_conversation(tokenizer, messages, max_len, end_ids)
-            if any(ex.mask[1:]):  # an anchor needs a supervised next token
-                out.append(ex)
-            else:
-                dropped += 1
-            if limit is not None and len(out) >= limit:
-                return out, dropped
-    if not out:
-        raise ValueError(f"{path}: no conversation with an assistant turn inside max_len={max_len} tokens")
-    return out, dropped
-
-
-def token_counts(examples: list[Example], target_config: Mapping[str, Any]) -> torch.Tensor:
-    """[V] float64 how often each target id is a supervised (assistant) token: picks the draft vocabulary."""
-    vocab = (target_config.get("text_config") or target_config)["vocab_size"]
-    ids = torch.tensor([t for e in examples for t, m in zip(e.ids, e.mask) if m], dtype=torch.int64)
-    return torch.bincount(ids, minlength=vocab).double()
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """Dataset indices of global batch ``step``: a seeded permutation per epoch, batches cut from the stream."""
-    return [_epoch_order(n, seed, s // n)[s % n] for s in range(step * batch_size, (step + 1) * batch_size)]
-
-
-def anchor_generator(seed: int, sample: int) -> torch.Generator:
-    """Per-sequence RNG: the same anchors whichever rank, micro-batch or resumed run gets the sequence."""
-    return torch.Generator().manual_seed((seed * 2_654_435_761 + sample) % (2**63))
-
-
-def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> input_ids [B, T], attention_mask [B, T], loss_mask [B, T] bool (right-padded to the longest)."""
-    T = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(examples), T, dtype=torch.long)
-    mask = torch.zeros(len(examples), T, dtype=torch.bool)
-    for b, e in enumerate(examples):
-        n = len(e.ids)
-        ids[b, :n], attn[b, :n], mask[b, :n] = torch.tensor(e.ids), 1, torch.tensor(e.mask)
-    return ids, attn, mask
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -477,74 +364,6 @@ def _progress(args, start: int, rank: int, n_examples: int, dropped: int, drafte
           f"drafter {drafter.cfg.num_hidden_layers} layers, {n_train / 1e6:.2f} M trainable, "
           f"target layers {drafter.cfg.target_layer_ids}, block {drafter.cfg.block_size}", file=sys.stderr)
     return tqdm(total=args.steps, initial=start, dynamic_ncols=True, desc="train")
-
-
-# ----------------------------------------------------------------------------- quick eval
-@dataclass
-class Acceptance:
-    tau: float  # mean (accepted drafts + 1) per round
-    survival: list[float]  # P(at least k drafts accepted), k = 1..g
-    conditional: list[float]  # P(k accepted | k-1 accepted)
-    rounds: int
-
-
-@torch.no_grad()
-def greedy_acceptance(drafter: DSparkDrafter, target: TargetFeatures, sequences: list[Example] | list[list[int]],
-                      g: int | None = None, *, anchors_per_seq: int = 16, seed: int = 0) -> Acceptance:
-    """Greedy speculative decoding, one round per anchor, against the real target.
-
-    For each sequence and up to ``anchors_per_seq`` anchors a (next token supervised; any a >= 0 for plain id
-    lists): the drafter drafts g tokens greedily (block pass + Markov argmax chain) from the target's features
-    of positions < a; the target then verifies [x_0..x_a, d_1..d_g] in one forward and accepts the drafts
-    while d_k equals its argmax, exactly as greedy verification would.
-    """
-    g = g or drafter.cfg.block_size
-    if g > drafter.cfg.block_size:
-        raise ValueError(f"g={g}: expected at most the drafter's block_size={drafter.cfg.block_size}")
-    was_training = drafter.training
-    drafter.eval()
-    accepted: list[int] = []
-    for i, seq in enumerate(sequences):
-        ex = seq if isinstance(seq, Example) else Example(list(seq), [True] * len(seq))
-        device = drafter.fc.weight.device
-        ids = torch.tensor(ex.ids, device=device)[None]
-        mask = torch.tensor(ex.mask, device=device)[None]
-        anchors = sample_anchors(mask, anchors_per_seq, [anchor_generator(seed, i)])  # [1, m]
-        anchors = anchors[anchors >= 0][None]
-        if anchors.numel() == 0:
-            continue
-        tgt = target(ids)
-        h, _ = packed_block_hidden(drafter, tgt.features, ids, anchors)
-        m = anchors.shape[1]
-        base = drafter.base_logits(drafter.prediction_rows(h).view(m, drafter.cfg.block_size, -1)[:, :g])  # [m,g,V]
-        prev = ids[0, anchors[0]]  # [m]
-        drafts = []
-        for k in range(g):  # the sequential Markov chain (base only for the Markov-less ablation)
-            logits = base[:, k]
-            if drafter.markov_head is not None:
-                logits = logits + drafter.markov_head.bias(drafter.markov_head.embed(prev)).float()
-            prev = drafter.to_target_ids(logits.argmax(-1))
-            drafts.append(prev)
-        drafts = torch.stack(drafts, 1)  # [m, g]
-        # Verification rows [x_0..x_a, d_1..d_g], right-padded.
-        rows = [torch.cat([ids[0, : int(a) + 1], drafts[j]]) for j, a in enumerate(anchors[0])]
-        width = max(len(r) for r in rows)
-        batch = torch.zeros(m, width, dtype=torch.long, device=device)
-        attn = torch.zeros(m, width, dtype=torch.long, device=device)
-        for j, r in enumerate(rows):
-            batch[j, : len(r)], attn[j, : len(r)] = r, 1
-        logits = target.model(input_ids=batch, attention_mask=attn, use_cache=False).logits  # [m, width, V]
-        for j, a in enumerate(anchors[0].tolist()):
-            verdict = logits[j, a: a + g].argmax(-1) == drafts[j]  # target's choice after x_a, d_1.., d_{k-1}
-            accepted.append(int(verdict.long().cumprod(0).sum()))
-    if was_training:
-        drafter.train()
-    n = max(1, len(accepted))
-    acc = torch.tensor(accepted, dtype=torch.float64)
-    survival = [float((acc >= k).sum()) / n for k in range(1, g + 1)]
-    conditional = [survival[0]] + [survival[k] / survival[k - 1] if survival[k - 1] else 0.0 for k in range(1, g)]
-    return Acceptance(tau=1 + float(acc.mean()) if accepted else 1.0, survival=survival, conditional=conditional,
-                      rounds=len(accepted))
 
 
 # ----------------------------------------------------------------------------- CLI
