@@ -103,6 +103,27 @@ def install() -> None:
     _INSTALLED = True
 
 
+def install_preflight() -> None:
+    """Check DSpark's settings and drafter when vLLM builds its config (``EngineArgs.create_engine_config``, in
+    the process that calls ``LLM(...)`` or ``vllm serve``), so that a bad drafter fails there in seconds with
+    our message instead of inside the engine core 30-40 s later, wrapped as "Engine core initialization
+    failed". The proposer validates the same again where it loads."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from ..preflight import check_dspark, is_dspark
+
+    def wrap(original):
+        def create_engine_config(self, *args, **kwargs):
+            config = original(self, *args, **kwargs)
+            spec = config.speculative_config
+            if is_dspark(spec):
+                check_dspark(config.additional_config, spec.num_speculative_tokens, config.model_config.hf_config)
+            return config
+        return create_engine_config
+
+    _wrap(EngineArgs, "create_engine_config", wrap)
+
+
 def _fix_cpu_temperature_expansion() -> None:
     """vLLM 0.32 CPU bug: the rejection sampler's ``expand_batch_to_tokens`` runs a CPU kernel on an int64
     *copy* of its float output (``_ensure_int64``) and returns the untouched buffer, so at temperature > 0 the

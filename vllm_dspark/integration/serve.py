@@ -127,13 +127,52 @@ def _parse_k(value: str | int) -> int:
 
 
 def _parse_additional(value: str) -> dict:
+    return _json_object(_ADDITIONAL_FLAG, value)
+
+
+def _json_object(flag: str, value: str) -> dict:
+    """A flag's JSON object; a syntax error names the column and shows the text around it."""
     try:
-        extra = json.loads(value)
+        obj = json.loads(value)
     except json.JSONDecodeError as e:
-        raise ServeArgsError(f"--additional-config is not valid JSON ({e}): {value!r}") from None
-    if not isinstance(extra, dict):
-        raise ServeArgsError(f"--additional-config must be a JSON object, got {value!r}")
-    return extra
+        near = value[max(0, e.pos - 25):e.pos] + " <here> " + value[e.pos:e.pos + 25]
+        raise ServeArgsError(f"{flag} is not valid JSON: {e.msg} at column {e.colno}: {near.strip()!r}") from None
+    if not isinstance(obj, dict):
+        raise ServeArgsError(f"{flag} must be a JSON object, got {value!r}")
+    return obj
+
+
+def _flag_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last of ``names`` in ``args`` (``--flag value`` or ``--flag=value``)."""
+    found = None
+    for i, arg in enumerate(args):
+        name = _flag_name(arg)
+        if name in names:
+            if "=" in arg:
+                found = arg.split("=", 1)[1]
+            elif i + 1 < len(args):
+                found = args[i + 1]
+    return found
+
+
+def preflight(args: list[str]) -> None:
+    """Refuse in a second what the engine would refuse after 30-40 s: JSON syntax in ``--speculative-config``
+    and ``--additional-config``, and, when DSpark is selected, its settings, the drafter checkpoint, K, and
+    the drafter against a local target folder (``vllm_dspark.preflight``). Raises ServeArgsError."""
+    from ..config import DSparkConfigError
+    from ..preflight import check_dspark, is_dspark, target_config
+
+    spec_value = _flag_value(args, ("--speculative-config", "-sc"))
+    additional_value = _flag_value(args, (_ADDITIONAL_FLAG,))
+    spec = _json_object("--speculative-config", spec_value) if spec_value is not None else None
+    additional = _json_object(_ADDITIONAL_FLAG, additional_value) if additional_value is not None else None
+    if not is_dspark(spec):
+        return
+    model = args[0] if args and not args[0].startswith("-") else _flag_value(args, ("--model",))
+    try:
+        check_dspark(additional, spec.get("num_speculative_tokens"), target_config(model) if model else None)
+    except DSparkConfigError as e:
+        raise ServeArgsError(str(e)) from None
 
 
 def install_version_shim() -> bool:
@@ -173,10 +212,13 @@ def install_version_shim() -> bool:
 
 def main(argv: list[str]) -> int:
     """`vllm-dspark serve`: expand our flags, then run ``vllm serve`` in this process."""
-    if any(a in ("-h", "--help") or a.startswith("--help=") for a in argv):
+    asks_help = any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
+    if asks_help:
         print(OUR_HELP)
     try:
         args = expand_args(argv)
+        if not asks_help:
+            preflight(args)
     except ServeArgsError as e:
         print(f"vllm-dspark serve: error: {e}", file=sys.stderr)
         return 2
