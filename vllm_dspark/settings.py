@@ -6,6 +6,7 @@ in a fraction of a second, before vLLM starts an engine.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -96,6 +97,33 @@ class DSparkSettings:
             raise DSparkConfigError(f'additional_config["dspark"]["head_dtype"]={s.head_dtype!r}: '
                                     'expected auto|same|float32|bfloat16|float16')
         return s
+
+
+# One line per setting, for `vllm-dspark serve --help` (the README's table says more).
+HELP: dict[str, str] = {
+    "drafter": "drafter checkpoint directory (required; set by --drafter)",
+    "mode": "adaptive = block lengths from confidence x measured cost, pauses when drafting does not pay; "
+            "fixed = always K",
+    "probe_interval": "adaptive: steps without drafting before trying again (doubled under load)",
+    "probe_interval_max": "adaptive: the longest pause, in steps",
+    "topk": "Markov bias over the top-k base candidates only (0 = dense)",
+    "probabilistic": "at temperature > 0, sample drafts and hand q to vLLM's rejection sampler",
+    "dtype": "drafter dtype: auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the target's on GPU)",
+    "head_dtype": "drafter LM head dtype: auto | same | float32 | bfloat16 | float16 (auto: bfloat16 on CPU)",
+    "prefix_cache_mb": "memory for drafter context kept per prefix-cache block",
+    "lookup": "prompt lookup for greedy requests whose text repeats, in small batches",
+    "lookup_min": "prompt lookup: shortest n-gram matched",
+    "lookup_max": "prompt lookup: longest n-gram matched",
+    "lookup_max_batch": "prompt lookup only in batches of at most this many requests",
+    "record": "keep every proposal and round in memory (tests, eval; grows without bound)",
+}
+
+
+def settings_help(indent: str = "  ") -> str:
+    """The settings with their defaults and HELP lines, one per line."""
+    rows = [(f.name, "(required)" if f.name == "drafter" else json.dumps(f.default)) for f in fields(DSparkSettings)]
+    width = max(len(f"{n} = {d}") for n, d in rows)
+    return "\n".join(f"{indent}{f'{n} = {d}':<{width}}  {HELP.get(n, '')}" for n, d in rows)
 
 
 def nearest_key(key: str, known: set[str]) -> str | None:

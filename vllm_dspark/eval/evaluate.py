@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from vllm_dspark.cli import HelpFormatter
 from vllm_dspark.eval.metrics import AcceptanceStats, calibration_report, per_category_tau, reliability_bins
 from vllm_dspark.eval.prompts import Prompt, load_prompts
 
@@ -342,7 +343,7 @@ def format_table(report: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def _parser(prog: str, many: bool) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder")
     ap.add_argument("--drafter", required=True, action="append" if many else "store",
                     help="drafter folder" + (" (repeat to compare several)" if many else ""))
@@ -350,21 +351,21 @@ def _parser(prog: str, many: bool) -> argparse.ArgumentParser:
         ap.add_argument("--label", action="append", default=None, help="name per --drafter (default: folder name)")
     ap.add_argument("--prompts", default="mtbench", help="mtbench | FILE (.jsonl {prompt|turns, category} or text)")
     ap.add_argument("--turn", type=int, choices=(1, 2), default=1, help="2 = second turn after the model's answer")
-    ap.add_argument("--num-prompts", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None,
+    ap.add_argument("--num-prompts", type=int, default=None, help="first N prompts (default: all)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="tokens generated per prompt")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None, metavar="K",
                     help="draft tokens per round (default: the drafter's block size)")
     ap.add_argument("--mode", choices=("fixed", "adaptive"), default="fixed",
-                    help="DSpark block lengths: fixed = always K drafts, so every position is measured (default); "
+                    help="DSpark block lengths: fixed = always K drafts, so every position is measured; "
                          "adaptive = the load-aware policy decides per request")
     ap.add_argument("--dspark-settings", default=None,
                     help='extra additional_config["dspark"] settings as JSON, e.g. \'{"topk": 0}\'')
     ap.add_argument("--out", required=many, default=None, help="output folder (report.json, PNGs)")
     ap.add_argument("--dtype", default="float32", help="target dtype (float32: fastest verification on AVX2 CPUs)")
-    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None, help="vLLM's max_model_len (default: the target's)")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE unless already set")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="vLLM's seed")
     return ap
 
 

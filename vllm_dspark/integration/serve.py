@@ -28,7 +28,15 @@ vllm-dspark serve MODEL [--drafter DIR [-k K]] [vLLM serve options]
 
 DSpark options (all other options go to `vllm serve` unchanged; its help follows):
   --drafter DIR                   serve with speculative decoding by the DSpark drafter in DIR
-  -k, --num-speculative-tokens K  tokens drafted per step (default {DEFAULT_NUM_SPECULATIVE_TOKENS})
+  -k, --num-speculative-tokens K  tokens drafted per step, at most the drafter's block (default: {DEFAULT_NUM_SPECULATIVE_TOKENS})
+
+Checked before vLLM starts (exit 2 with one line): the drafter, K, the settings below, and the JSON of
+--speculative-config / --additional-config. On CPU the KV cache defaults to a quarter of the memory available
+at start, at most 4 GiB (vLLM's own default reserves 92% of the total memory); --kv-cache-memory-bytes,
+--gpu-memory-utilization or VLLM_CPU_KVCACHE_SPACE choose it instead.
+
+DSpark settings, as --additional-config '{{"dspark": {{"KEY": VALUE, ...}}}}' (KEY = default):
+{{settings}}
 """
 
 
@@ -233,7 +241,9 @@ def main(argv: list[str]) -> int:
     """`vllm-dspark serve`: expand our flags, then run ``vllm serve`` in this process."""
     asks_help = any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
     if asks_help:
-        print(OUR_HELP)
+        from ..settings import settings_help
+
+        print(OUR_HELP.replace("{settings}", settings_help()))
     try:
         args = expand_args(argv)
         if not asks_help:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..assets import load_mtbench, sharegpt_prompts
+from ..cli import HelpFormatter
 
 
 def token_ids(rendered: Any) -> list[int]:
@@ -95,7 +96,8 @@ def write_original_answers(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="vllm-dspark gen-data", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="vllm-dspark gen-data", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder")
     ap.add_argument("--prompts", default="sharegpt", help="sharegpt | mtbench | FILE")
     ap.add_argument("--out", required=True, help="output JSONL (appended to; existing ids are skipped)")
@@ -103,9 +105,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-tokens", type=int, default=256, help="answer length cap (eval uses 128-256)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 = greedy: the distribution the greedy MT-Bench eval drafts against")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="vLLM's sampling seed (matters at --temperature > 0)")
     ap.add_argument("--chunk", type=int, default=64, help="prompts per vLLM call (one flush each)")
-    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--max-model-len", type=int, default=1024, help="prompt + answer tokens at most")
     ap.add_argument("--dtype", default="float32", help="float32 is ~2.5x faster than bf16 on AVX2 CPUs")
     ap.add_argument("--include-eval", action="store_true", help="keep prompts that are MT-Bench questions")
     ap.add_argument("--original-answers", action="store_true",
