@@ -222,6 +222,7 @@ def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypa
     from vllm import SamplingParams
     from vllm.v1.sample.rejection_sampler import RejectionSampler
 
+    from vllm_dspark.integration.proposer import DSparkProposer
     from vllm_dspark.scheduling import DraftPause
 
     target, drafter_dir = drafters["llama"]
@@ -238,6 +239,11 @@ def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypa
 
     monkeypatch.setattr(RejectionSampler, "forward", counted)
     monkeypatch.setattr(DraftPause, "active", lambda self, step, batch: True)
+    # Seeded requests draft through pauses (so that their text does not depend on timing): hide their seeds from
+    # the proposer here, which then pauses them too, while vLLM still samples them with their generators.
+    set_batch = DSparkProposer.set_batch
+    monkeypatch.setattr(DSparkProposer, "set_batch",
+                        lambda self, req_ids, metadata, budget, seeds=None: set_batch(self, req_ids, metadata, budget))
     llm = _llm(target, drafter_dir, enable_prefix_caching=False)
     spec = llm.generate(prompts, params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
@@ -265,7 +271,7 @@ def _startup_error(target, drafter, k=3, extra=None) -> str:
 def test_startup_validation_errors(vllm_env, drafters, tmp_path):
     target, good = drafters["llama"]
     assert "num_speculative_tokens=5: expected an integer in [1, 4]" in _startup_error(target, good, k=5)
-    assert "unknown key(s) ['drafterr']" in _startup_error(target, good, extra={"drafterr": 1})
+    assert "unknown key(s) 'drafterr' (did you mean 'drafter'?)" in _startup_error(target, good, extra={"drafterr": 1})
     missing = tmp_path / "nope"
     assert "nope" in _startup_error(target, missing)
     other = tmp_path / "other-vocab"

@@ -15,8 +15,9 @@ Every wrapper calls the upstream method unchanged and only acts when the runner'
 - ``sample_tokens``: snapshots the step's aux hidden states, positions and request layout before upstream
   consumes them, so verified rows are captured even on steps where upstream skips the drafter (any request
   within K tokens of max_model_len).
-- ``propose_draft_token_ids``: delivers those rows with the sampled counts (rejected rows dropped) before
-  upstream calls our ``propose``, and afterwards stores our q in the runner's ``_draft_probs`` /
+- ``propose_draft_token_ids``: delivers those rows with the sampled counts (rejected rows dropped) and the
+  seeds of the batch's seeded requests (``runner.requests[id].sampling_params.seed``) before upstream calls
+  our ``propose``, and afterwards stores our q in the runner's ``_draft_probs`` /
   ``_draft_prob_req_ids`` (the slot upstream fills for EAGLE-style drafters), which upstream passes to its
   rejection sampler: speculative sampling at T > 0 then sees the exact q instead of one-hot drafts.
 - ``_sample``: a step where no request verifies drafts uses the plain sampler (what upstream's rejection
@@ -245,8 +246,11 @@ def _wrap_propose(original):
         pending, drafter.pending_rows = drafter.pending_rows, None
         if pending is not None:
             drafter.ingest(pending, sampled_token_ids)
-        drafter.set_batch(list(self.input_batch.req_ids), sampling_metadata,
-                          scheduler_output.num_spec_tokens_to_schedule)
+        req_ids = list(self.input_batch.req_ids)
+        # vLLM keeps a torch.Generator per seeded request (by batch row); the proposer needs the seeds themselves.
+        generators = getattr(sampling_metadata, "generators", None) or {}
+        seeds = {i: self.requests[req_ids[i]].sampling_params.seed for i in generators}
+        drafter.set_batch(req_ids, sampling_metadata, scheduler_output.num_spec_tokens_to_schedule, seeds)
         draft_token_ids = original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
         probs = drafter.take_draft_probs()
         if probs is not None:
