@@ -357,3 +357,27 @@ def test_tensor_parallel_2_on_cpu(vllm_env, drafters, monkeypatch):
     assert _spec_counters(llm)["vllm:spec_decode_num_drafts"] > 0
     del llm
     gc.collect()
+
+
+def test_a_drafter_without_confidence_head_drafts_for_seeded_and_unseeded_requests(vllm_env, drafters, tmp_path):
+    """No confidence head (no adaptive plan): every request, seeded or not, drafts K, without a single fault."""
+    from safetensors.torch import load_file, save_file
+    from vllm import SamplingParams
+
+    target, good = drafters["llama"]
+    bare = tmp_path / "no-confidence"
+    shutil.copytree(good, bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    cfg["enable_confidence_head"] = False
+    (bare / "config.json").write_text(json.dumps(cfg))
+    weights = {n: t for n, t in load_file(str(bare / "model.safetensors")).items() if "confidence_head" not in n}
+    save_file(weights, str(bare / "model.safetensors"))
+    prompts = _prompts(4)
+    params = [SamplingParams(max_tokens=12, temperature=0.0),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=3)] * 2
+    llm = _llm(target, bare, enable_prefix_caching=False, enable_chunked_prefill=False)
+    llm.generate(prompts, params, use_tqdm=False)
+    prop = _proposer(llm)
+    assert prop.stats.faults == 0 and prop.stats.num_rounds > 0
+    assert {len(r["drafts"]) for r in prop.records} == {3}
+    _close(llm)

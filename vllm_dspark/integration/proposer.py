@@ -446,7 +446,8 @@ class DSparkProposer:
                 tokens = block.tokens.tolist()
                 conf = block.confidence.tolist() if block.confidence is not None else None
             tokens = [t[:k] for t in tokens[:nf]] + list(looked.values()) + tokens[nf:]
-            logit = None if block is None or not nf else block.confidence_logit[:nf, :k]
+            logit = block.confidence_logit if block is not None and nf else None
+            logit = None if logit is None else logit[:nf, :k]  # the free rows' (a drafter may have no head)
             if self.adaptive and (logit is not None or (looked and not drafted_free)):
                 lengths = self._plan(logit, [int(num_tokens_no_spec[rows[j]]) for j in order[:nf + n_looked]], k,
                                      time.perf_counter() - t0, batch, lookup=[len(d) for d in looked.values()])
