@@ -339,9 +339,14 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from vllm_dspark.eval.plots import plot_throughput, plot_throughput_vs_concurrency
 
-    report["plots"] = {"throughput": Path(plot_throughput(report["results"], out / "throughput.png")).name,
+    cfg = report["config"]
+    subtitle = (f"{Path(cfg['target']).name}, {cfg['prompts']}: up to {cfg['num_prompts']} prompts x "
+                f"{cfg['max_tokens']} tokens, greedy, K={args.k or 'the drafter block'}, median of {cfg['rounds']} "
+                "rounds")
+    report["plots"] = {"throughput": Path(plot_throughput(report["results"], out / "throughput.png",
+                                                          subtitle=subtitle)).name,
                        "throughput_vs_concurrency": Path(plot_throughput_vs_concurrency(
-                           report["results"], out / "throughput_vs_concurrency.png")).name}
+                           report["results"], out / "throughput_vs_concurrency.png", subtitle=subtitle)).name}
     (out / "report.json").write_text(json.dumps(json_ready(report), indent=2) + "\n")
     print(format_table(report))
     print(f"report: {out / 'report.json'}")

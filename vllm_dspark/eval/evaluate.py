@@ -263,6 +263,9 @@ def drafter_report(run: EvalRun) -> tuple[dict, dict]:
         "tau": stats.tau,
         "acceptance_conditional": stats.conditional.tolist(),
         "acceptance_survival": stats.survival.tolist(),
+        # denominators: rounds that drafted >= k tokens (survival) / reached position k (conditional)
+        "acceptance_counts": {"drafted_at": stats.drafted_at.tolist(), "reached_at": stats.reached_at.tolist(),
+                              "accepted_at": stats.accepted_at.tolist()},
         "per_category_tau": per_category_tau([run.categories[r[0]] for r in run.rounds], d, a),
         "drafter_config": json.loads(config_path.read_text()) if config_path.is_file() else None,
         "our_counters": ours,
@@ -292,24 +295,40 @@ def json_ready(x: Any) -> Any:
     return x
 
 
+def measured(header: dict, runs: list[EvalRun]) -> str:
+    """What an eval measured, in one line for its plots' titles."""
+    ks = sorted({run.k for run in runs})
+    prompts = f"{header.get('prompts')} turn {header.get('turn')}" if header.get("turn") else header.get("prompts")
+    return (f"{Path(str(header.get('target', '?'))).name}, {prompts}: {header.get('num_prompts')} prompts x "
+            f"{header.get('max_tokens')} tokens, K={'/'.join(map(str, ks))}, T={header.get('temperature')}, "
+            f"{header.get('mode')} block lengths")
+
+
 def write_report(out: Path, header: dict, runs: list[EvalRun]) -> dict:
     from vllm_dspark.eval.plots import plot_conditional_acceptance, plot_reliability, plot_survival
 
     out.mkdir(parents=True, exist_ok=True)
     report = dict(header, drafters={})
     plots = {}
+    subtitle = measured(header, runs)
     for run in runs:
         entry, bins = drafter_report(run)
         report["drafters"][run.label] = entry
         if bins:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run.label)
             plots[f"reliability_{run.label}"] = plot_reliability(
-                bins, out / f"reliability_{safe}.png", title=f"Reliability of predicted survival: {run.label}")
+                bins, out / f"reliability_{safe}.png", title=f"Reliability of predicted survival: {run.label} "
+                f"(tau {entry['tau']:.2f}, {entry['num_rounds']} rounds)", subtitle=subtitle)
     entries = report["drafters"]
+    legend = {lbl: f"{lbl}: tau {e['tau']:.2f}, {e['num_rounds']} rounds" for lbl, e in entries.items()}
     plots["conditional"] = plot_conditional_acceptance(
-        {lbl: e["acceptance_conditional"] for lbl, e in entries.items()}, out / "conditional_acceptance.png")
-    plots["survival"] = plot_survival({lbl: e["acceptance_survival"] for lbl, e in entries.items()},
-                                      out / "survival.png")
+        {lbl: e["acceptance_conditional"] for lbl, e in entries.items()}, out / "conditional_acceptance.png",
+        counts={lbl: e["acceptance_counts"]["reached_at"] for lbl, e in entries.items()}, legend=legend,
+        subtitle=subtitle)
+    plots["survival"] = plot_survival(
+        {lbl: e["acceptance_survival"] for lbl, e in entries.items()}, out / "survival.png",
+        counts={lbl: e["acceptance_counts"]["drafted_at"] for lbl, e in entries.items()}, legend=legend,
+        subtitle=subtitle)
     report["plots"] = {name: os.path.basename(p) for name, p in plots.items()}
     report = json_ready(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
