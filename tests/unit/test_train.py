@@ -48,7 +48,7 @@ def tiny_drafter(seed=0, **kw) -> DSparkDrafter:
 
 # ----------------------------------------------------------------------------- the loss by hand
 @torch.no_grad()
-def hand_loss(m: DSparkDrafter, feats, logits, ids, mask, anchors, loss_type="dspark"):
+def hand_loss(m: DSparkDrafter, feats, logits, ids, mask, anchors, loss_type="dspark", ce_labels="data"):
     """One block at a time through the drafter's inference path; loss terms with explicit loops."""
     cfg, g = m.cfg, m.cfg.block_size
     draft_ids = list(range(cfg.vocab_size)) if m.d2t is None else m.draft_token_ids.tolist()
@@ -67,6 +67,8 @@ def hand_loss(m: DSparkDrafter, feats, logits, ids, mask, anchors, loss_type="ds
                 if label_pos >= ids.shape[1] or not mask[b, label_pos]:
                     break  # supervision stops at the first position outside the assistant mask
                 prev, label = int(ids[b, a + k]), int(ids[b, label_pos])
+                if ce_labels == "target":  # the target's greedy token after position a+k
+                    label = max(range(cfg.vocab_size), key=lambda v: float(logits[b, a + k, v]))
                 markov = m.markov_head is not None
                 e = m.markov_head.markov_w1.weight[prev].double() if markov else torch.zeros(0, dtype=torch.float64)
                 z = [float(m.lm_head.weight[v].double() @ h[k]
@@ -110,14 +112,17 @@ def toy_batch(seed=0, vocab=101, width=96):
     return feats, logits, ids, mask, anchors
 
 
-@pytest.mark.parametrize("loss_type,markov_rank,draft_vocab",
-                         [("dspark", 8, None), ("ce", 8, None), ("ce", 0, None), ("dspark", 8, 40), ("ce", 0, 40)])
-def test_loss_matches_hand_computation(loss_type, markov_rank, draft_vocab):
-    # ("ce", 0) = the DFlash baseline; draft_vocab 40 = a reduced draft vocabulary (d2t) of the 101 target ids
+@pytest.mark.parametrize("loss_type,markov_rank,draft_vocab,ce_labels",
+                         [("dspark", 8, None, "data"), ("ce", 8, None, "data"), ("ce", 0, None, "data"),
+                          ("dspark", 8, 40, "data"), ("ce", 0, 40, "data"), ("dspark", 8, None, "target"),
+                          ("ce", 8, 40, "target")])
+def test_loss_matches_hand_computation(loss_type, markov_rank, draft_vocab, ce_labels):
+    # ("ce", 0) = the DFlash baseline; draft_vocab 40 = a reduced draft vocabulary (d2t) of the 101 target ids;
+    # ce_labels "target" = CE against the target's argmax instead of the data's next token
     m = tiny_drafter(markov_rank=markov_rank, draft_vocab_size=draft_vocab)
     feats, logits, ids, mask, anchors = toy_batch()
-    out = dspark_loss(m, feats, logits, ids, mask, anchors, loss_type=loss_type)
-    want, weight, acc = hand_loss(m, feats, logits, ids, mask, anchors, loss_type)
+    out = dspark_loss(m, feats, logits, ids, mask, anchors, loss_type=loss_type, ce_labels=ce_labels)
+    want, weight, acc = hand_loss(m, feats, logits, ids, mask, anchors, loss_type, ce_labels)
     sup = supervision(anchors, mask, 3)
     assert sup.tolist() == [[[True] * 3, [True, False, False]], [[True, True, False], [False] * 3]]
     assert out.stats.tokens == 6
@@ -213,6 +218,13 @@ def test_training_raises_greedy_acceptance_on_held_out_prompts(smooth_target, ti
     assert before.rounds == after.rounds == 96
     assert before.survival[0] <= 0.02  # an untrained drafter guesses (almost) nothing
     assert after.survival[0] >= 0.15 and after.tau >= before.tau + 0.15, (before, after)
+    # The training monitor's held-out accuracy is the teacher-forced greedy match rate, computed independently.
+    from vllm_dspark.train.monitor import HeldOut
+
+    monitor = HeldOut(target, held_out, 4, anchors_per_seq=16, seed=7)
+    want = teacher_forced_accuracy(drafter, smooth_target, target, held_out, 4, 16, 7)
+    assert 0.15 <= want[0] < 1 and monitor.blocks == 96
+    assert monitor.accuracy(drafter) == pytest.approx(want, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- the CLI: resume, DDP
@@ -318,3 +330,118 @@ def test_cache_only_shards_fill_the_cache_that_training_then_reads(tiny_llama_di
     assert len(losses(tmp_path / "t")) == 2
     assert trainer.main(cli_args(tiny_llama_dir, chat_file, tmp_path / "c", "--feature-cache", str(cache),
                                  "--cache-only", "--cache-shard", "2/2")) == 2
+
+
+# ----------------------------------------------------------------------------- monitoring, warm starts
+@torch.no_grad()
+def teacher_forced_accuracy(m, model, target, examples, g: int, anchors_per_seq: int, seed: int) -> list[float]:
+    """Independently of the monitor: one block per anchor through the inference path, the Markov head fed the
+    true previous tokens, the draft's argmax against the target model's own argmax."""
+    hits, count = [0] * g, [0] * g
+    for i, ex in enumerate(examples):
+        ids = torch.tensor(ex.ids)[None]
+        mask = torch.tensor(ex.mask)[None]
+        anchors = sample_anchors(mask, anchors_per_seq, [torch.Generator().manual_seed(seed + i)])[0]
+        out = model(input_ids=ids).logits[0]
+        feats = target(ids).features[0]
+        for a in anchors.tolist():
+            if a < 0:
+                continue
+            k_ctx, v_ctx = m.context_kv(feats[:a], torch.arange(a))
+            h = m.block_hidden(m.query_ids(ids[0, a:a + 1], g), a + torch.arange(g)[None], k_ctx[None], v_ctx[None],
+                               block_attention_mask(torch.tensor([a]), a, g))[0]
+            for k in range(g):
+                if a + 1 + k >= len(ex.ids) or not ex.mask[a + 1 + k]:
+                    break
+                z = m.base_logits(h[k]) + m.markov_head.bias(m.markov_head.embed(ids[0, a + k])).float()
+                hits[k] += int(int(m.to_target_ids(z.argmax())) == int(out[a + k].argmax()))
+                count[k] += 1
+    return [h / c for h, c in zip(hits, count)]
+
+
+def test_copied_target_layers_read_the_last_feature_layer_as_the_target_does(tiny_llama_dir):
+    from vllm_dspark.checkpoint import new_drafter
+    from vllm_dspark.train.warmstart import copy_target_layers
+
+    model = load_target(tiny_llama_dir)
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    m = new_drafter(model, cfg, seed=0, num_layers=2, markov_rank=16, block_size=3, num_target_layer_ids=2)
+    assert copy_target_layers(m, model) == [2, 3]
+    layer = model.model.layers[3]
+    assert torch.equal(m.layers[1].mlp.down_proj.weight, layer.mlp.down_proj.weight)
+    assert torch.equal(m.layers[0].self_attn.k_proj.weight, model.model.layers[2].self_attn.k_proj.weight)
+    ids = torch.randint(0, 500, (1, 9))
+    hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    feats = torch.cat([hs[i + 1] for i in m.cfg.target_layer_ids], -1)[0]
+    last = hs[m.cfg.target_layer_ids[-1] + 1][0]  # what layer 2's input norm reads in the target
+    assert torch.allclose(m.project_context(feats), model.model.layers[2].input_layernorm(last), atol=1e-5)
+
+
+def test_feature_norm_heldout_and_curve_resume_exactly(tiny_llama_dir, chat_file, tmp_path):
+    held = tmp_path / "held.jsonl"
+    rows = chat_file.read_text().splitlines()
+    held.write_text("\n".join(rows[:4]) + "\n")  # ids 0-3: evaluated, never trained on
+    extra = ("--feature-norm", "--heldout", str(held), "--eval-every", "2", "--ce-labels", "target")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, straight, "--steps", "4", "--save-every", "2",
+                                 *extra)) == 0
+    ckpt = straight / "checkpoints" / "step_000002"
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, resumed, "--steps", "4", "--resume", str(ckpt),
+                                 *extra)) == 0
+    assert losses(resumed) == losses(straight)[2:]
+    recs = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "heldout" in r] == [2, 4] and again[-1]["heldout"] == recs[-1]["heldout"]
+    assert recs[-1]["blocks"] == again[-1]["blocks"] > recs[0]["blocks"] > 0  # the curve's x axis goes on
+    assert (straight / "learning_curve.png").stat().st_size > 10_000
+    # The saved drafter holds the scale inside fc: on raw target features it projects as the trained one did.
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    scale = state["feature_scale"]
+    assert scale is not None and not torch.allclose(scale, torch.ones_like(scale))
+    saved = load_drafter(ckpt, tiny_llama_dir)
+    trained = load_drafter(ckpt, tiny_llama_dir)
+    trained.load_state_dict(state["model"], strict=False)  # unscaled fc, as trained
+    x = torch.randn(5, saved.fc.in_features)
+    assert torch.allclose(saved.project_context(x), trained.project_context(x * scale), atol=1e-2)
+
+
+def test_examples_load_across_files_skip_heldout_ids_and_keep_unicode_line_separators(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    row = lambda i, text: json.dumps({"id": i, "messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": text}]},
+                                     ensure_ascii=False) + "\n"
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(row("x", "one\u2028two") + row("y", "three"))  # U+2028 is a line break to str.splitlines()
+    b.write_text(row("z", "four") + '{"id": "w", "messa')  # a line still being written by gen-data
+    examples, dropped = trainer.load_examples(f"{a},{b}", tok, 64, exclude={"y"})
+    assert len(examples) == 2 and dropped == 0
+    assert "one\u2028two" in tok.decode(examples[0].ids) and "four" in tok.decode(examples[1].ids)
+    assert trainer.read_ids(a) == {"x", "y"}
+
+
+def test_packed_block_attention_equals_a_dense_mask():
+    from vllm_dspark.train.loss import block_layout
+
+    m = tiny_drafter().float()  # 4 query heads over 2 KV heads (GQA)
+    B, T, g = 2, 13, 3
+    anchors = torch.tensor([[0, 4, 9, 11], [6, 7, -1, -1]])  # -1 = padding block: no context at all
+    ids = torch.randint(0, 100, (B, T))
+    feats = torch.randn(B, T, m.fc.in_features)
+    ctx_k, ctx_v = m.context_kv(feats.flatten(0, 1), torch.arange(T).repeat(B))
+    ctx_k, ctx_v = ctx_k.unflatten(0, (B, T)), ctx_v.unflatten(0, (B, T))
+    a = anchors.clamp(min=0)
+    pos = (a[:, :, None] + torch.arange(g)).view(B, -1)
+    q_ids = m.query_ids(ids.gather(1, a).flatten(), g).view(B, -1)
+    # Dense: query row r of block r // g sees context j < its anchor and the g rows of its own block.
+    Q = pos.shape[1]
+    dense = torch.zeros(B, Q, T + Q, dtype=torch.bool)
+    for b in range(B):
+        for r in range(Q):
+            i = r // g
+            dense[b, r, : int(a[b, i])] = True
+            dense[b, r, T + i * g: T + (i + 1) * g] = True
+    want = m.block_hidden(q_ids, pos, ctx_k, ctx_v, dense)
+    got = m.block_hidden(q_ids, pos, ctx_k, ctx_v, block_layout(anchors, T, g))
+    assert torch.allclose(got, want, atol=1e-5)

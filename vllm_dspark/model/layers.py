@@ -6,6 +6,8 @@ when they arrive (:meth:`DraftAttention.context_kv`); queries then attend to [co
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+@dataclass
+class BlockLayout:
+    """Training's packed blocks, instead of a dense mask: the queries of a row are m blocks of g; block i sees the
+    context positions where ``ctx_mask[b, i]`` is True and its own g queries (non-causal), nothing else. Scores
+    are computed only there: O(m g (C + g)) per row instead of a dense mask's O(m g (C + m g)), which is what
+    lets training use every position of a sequence as an anchor."""
+
+    ctx_mask: torch.Tensor  # [B, m, C] bool
+    g: int
+
+
+def packed_attention(q, k, v, ctx_k, ctx_v, layout: BlockLayout) -> torch.Tensor:
+    """q [B, m*g, nh, d], k/v [B, m*g, kvh, d] (the blocks'), ctx_k/v [B, C, kvh, d] -> [B, m*g, nh, d]."""
+    B, Q, nh, d = q.shape
+    kvh, g = k.shape[2], layout.g
+    m, rep = Q // g, nh // kvh
+    # Query heads grouped by their KV head (GQA): head h reads KV head h // rep.
+    qg = q.view(B, m, g, kvh, rep, d).permute(0, 3, 4, 1, 2, 5)  # [B, kvh, rep, m, g, d]
+    kb = k.view(B, m, g, kvh, d).permute(0, 3, 1, 2, 4)  # [B, kvh, m, g, d]
+    vb = v.view(B, m, g, kvh, d).permute(0, 3, 1, 2, 4)
+    kc, vc = ctx_k.permute(0, 2, 1, 3), ctx_v.permute(0, 2, 1, 3)  # [B, kvh, C, d]
+    scale = d ** -0.5
+    s_ctx = (qg.reshape(B, kvh, rep * m * g, d) @ kc.transpose(-1, -2)).view(B, kvh, rep, m, g, -1) * scale
+    s_ctx = s_ctx.masked_fill(~layout.ctx_mask[:, None, None, :, None, :], float("-inf"))
+    s_blk = torch.einsum("bkrmgd,bkmhd->bkrmgh", qg, kb) * scale  # [B, kvh, rep, m, g, g]
+    p = torch.softmax(torch.cat([s_ctx, s_blk], dim=-1), dim=-1)
+    C = s_ctx.shape[-1]
+    out = (p[..., :C].reshape(B, kvh, rep * m * g, C) @ vc).view(B, kvh, rep, m, g, d)
+    out = out + torch.einsum("bkrmgh,bkmhd->bkrmgd", p[..., C:], vb)
+    return out.permute(0, 3, 4, 1, 2, 5).reshape(B, Q, nh, d)
+
+
 class DraftAttention(nn.Module):
     def __init__(self, cfg: DSparkConfig):
         super().__init__()
@@ -73,10 +107,12 @@ class DraftAttention(nn.Module):
         x      [B, Q, H]      query-block hidden states
         cos/sin [B, Q, d]     RoPE at the queries' true positions
         ctx_k/v [B, C, kvh, d] injected context (already normed/rotated), padded per batch row
-        mask   [B, Q, C + Q]  bool, True = may attend (context validity + block structure)
+        mask   [B, Q, C + Q]  bool, True = may attend (context validity + block structure); or a BlockLayout
         """
         q = apply_rope(self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))), cos, sin)
         k, v = self._kv(x, cos, sin)
+        if isinstance(mask, BlockLayout):
+            return self.o_proj(packed_attention(q, k, v, ctx_k, ctx_v, mask).flatten(-2))
         k = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [B, kvh, C+Q, d]
         v = torch.cat([ctx_v, v], dim=1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask.unsqueeze(1),

@@ -74,6 +74,7 @@ class TargetFeatures:
             ident = json.dumps([model.config.to_dict(), self.layer_ids], sort_keys=True, default=str)
             self._prefix = hashlib.sha256(ident.encode()).hexdigest()[:16]
         self.cache_hits = self.cache_misses = 0
+        self.feature_scale: torch.Tensor | None = None  # [L*Ht] multiplies the features (train/warmstart.py)
 
     @classmethod
     def from_pretrained(cls, target_dir: str | Path, layer_ids: list[int], *,
@@ -102,8 +103,12 @@ class TargetFeatures:
             attention_mask = torch.ones_like(input_ids)
         if self.cache_dir is None:
             feats, final = self._forward(input_ids, attention_mask)
-            return TargetOutput(feats, RowLogits(final, self._logits))
-        return self._cached(input_ids, attention_mask)
+            out = TargetOutput(feats, RowLogits(final, self._logits))
+        else:
+            out = self._cached(input_ids, attention_mask)
+        if self.feature_scale is not None:
+            out.features = out.features * self.feature_scale.to(out.features)
+        return out
 
     # ------------------------------------------------------------------ cache
     def _key(self, ids: torch.Tensor) -> Path:

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ..model.drafter import DSparkDrafter
+from ..model.layers import BlockLayout
 
 LOSS_TYPES = ("dspark", "ce")
+CE_LABELS = ("data", "target")
 CE_WEIGHT, L1_WEIGHT, BCE_WEIGHT = 0.1, 0.9, 1.0  # DeepSpec's mix
 DECAY = 4.0  # w_k = exp(-k / DECAY)
 
@@ -115,15 +117,10 @@ def supervised_weight(anchors: torch.Tensor, loss_mask: torch.Tensor, g: int) ->
     return (sup.float() * position_weights(g, anchors.device)).sum()
 
 
-def block_mask(anchors: torch.Tensor, T: int, g: int) -> torch.Tensor:
-    """anchors [B, m] -> [B, m*g, T + m*g] bool: block i sees context j < a_i and all of its own g queries."""
-    B, m = anchors.shape
-    dev = anchors.device
-    ctx = torch.arange(T, device=dev)[None, None, :] < anchors.clamp(min=0)[:, :, None]  # [B, m, T]
-    ctx = ctx[:, :, None, :].expand(B, m, g, T).reshape(B, m * g, T)
-    blk = torch.arange(m, device=dev).repeat_interleave(g)  # [m*g] block id of each query row
-    own = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # [B, m*g, m*g], non-causal inside a block
-    return torch.cat([ctx, own], dim=-1)
+def block_layout(anchors: torch.Tensor, T: int, g: int) -> BlockLayout:
+    """anchors [B, m] -> block i sees context j < a_i and all of its own g queries (non-causal)."""
+    ctx = torch.arange(T, device=anchors.device)[None, None, :] < anchors.clamp(min=0)[:, :, None]  # [B, m, T]
+    return BlockLayout(ctx, g)
 
 
 def packed_block_hidden(drafter: DSparkDrafter, features: torch.Tensor, input_ids: torch.Tensor,
@@ -138,10 +135,10 @@ def packed_block_hidden(drafter: DSparkDrafter, features: torch.Tensor, input_id
     a = anchors.clamp(min=0)
     query_pos = (a[:, :, None] + torch.arange(g, device=dev)).view(B, m * g)
     query_ids = drafter.query_ids(input_ids.gather(1, a).flatten(), g).view(B, m * g)
-    # Context K/V of every position once per row; the mask hides positions >= each block's anchor.
+    # Context K/V of every position once per row; the layout hides positions >= each block's anchor.
     ctx_k, ctx_v = drafter.context_kv(features.flatten(0, 1), torch.arange(T, device=dev).repeat(B))
     ctx_k, ctx_v = ctx_k.unflatten(0, (B, T)), ctx_v.unflatten(0, (B, T))  # [B, T, Ld, kvh, d]
-    return drafter.block_hidden(query_ids, query_pos, ctx_k, ctx_v, block_mask(anchors, T, g)), query_pos
+    return drafter.block_hidden(query_ids, query_pos, ctx_k, ctx_v, block_layout(anchors, T, g)), query_pos
 
 
 def dspark_loss(
@@ -154,14 +151,19 @@ def dspark_loss(
     *,
     loss_type: str = "dspark",
     normaliser: torch.Tensor | float | None = None,
+    ce_labels: str = "data",
 ) -> LossOutput:
     """The loss of every anchor's block in one drafter pass (see the module docstring for the terms).
 
     ``normaliser`` defaults to this call's supervised weight sum; pass the global batch's to accumulate.
+    ``ce_labels``: "data" = the next token of the sequence (DeepSpec); "target" = the target's greedy token
+    there, so text the target did not write (human answers) still teaches what the target would say next.
     """
     cfg = drafter.cfg
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {list(LOSS_TYPES)}")
+    if ce_labels not in CE_LABELS:
+        raise ValueError(f"ce_labels={ce_labels!r}: expected one of {list(CE_LABELS)}")
     if not cfg.sample_from_anchor:
         raise ValueError("sample_from_anchor=False: the trainer implements DeepSpec's anchor-predicts layout only")
     B, m, g = anchors.shape[0], anchors.shape[1], cfg.block_size
@@ -189,6 +191,8 @@ def dspark_loss(
     uniq, inv = torch.unique(b_idx * T + pos, return_inverse=True)
     p_u = F.softmax(target_logits[uniq // T, uniq % T].float(), dim=-1)  # [U, V]
     p_top = p_u.argmax(-1)[inv]  # [N] the target's greedy token
+    if ce_labels == "target":
+        labels = p_top
     draft_ids = drafter.draft_token_ids  # [Vd] target ids, None = the whole vocabulary
     if draft_ids is None:
         ce = F.nll_loss(logq, labels, reduction="none")

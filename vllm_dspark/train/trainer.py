@@ -36,8 +36,10 @@ from ..config import DSparkConfig
 from ..model.drafter import DSparkDrafter
 from .data import prompt_length, token_ids
 from .features import TargetFeatures, load_target
-from .loss import LOSS_TYPES, LossStats, dspark_loss, expected_tau, packed_block_hidden, sample_anchors, \
+from .loss import CE_LABELS, LOSS_TYPES, LossStats, dspark_loss, expected_tau, packed_block_hidden, sample_anchors, \
     supervised_weight
+from .monitor import HeldOut, plot_learning_curve, tau_estimate
+from .warmstart import copy_target_layers, feature_scale, folded
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = dict(
@@ -55,11 +57,15 @@ DEFAULTS = dict(
     weight_decay=0.0,  # short distillation runs; the frozen target is the regulariser
     clip=1.0,  # DeepSpec: global grad-norm clip
     anchors_per_seq=64,  # DeepSpec uses 512; the LM head over anchors x block x vocab rows dominates CPU cost
+    #                      (0 = every supervised position: the target's forward is shared by more blocks)
     max_len=512,  # tokens per conversation (longer ones are truncated)
     seed=0,
     save_every=500,  # steps between checkpoints (0 = only the final drafter)
     keep_checkpoints=2,  # older step_* folders are deleted
     loss="dspark",  # "ce" = the DFlash baseline (CE only, plus the confidence BCE if the head exists)
+    ce_labels="data",  # "target": CE against the target's greedy token (for data the target did not write)
+    eval_every=0,  # steps between held-out evaluations (with --heldout)
+    heldout_size=64,  # conversations of --heldout evaluated
     save_dtype="float32",  # "bfloat16" halves the final checkpoint
 )
 
@@ -102,23 +108,39 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int, end_ids: 
     return Example(full[:max_len], mask[:max_len])
 
 
-def load_examples(path: str | Path, tokenizer, max_len: int) -> tuple[list[Example], int]:
-    """JSONL from `vllm-dspark gen-data` -> (examples with at least one anchor, number dropped)."""
+def read_ids(path: str | Path) -> set[str]:
+    """The "id" of every row of a JSONL file."""
+    return {json.loads(line).get("id") for line in Path(path).read_text().split("\n") if line.strip()}
+
+
+def load_examples(path: str | Path, tokenizer, max_len: int, *, exclude: set[str] = frozenset(),
+                  limit: int | None = None) -> tuple[list[Example], int]:
+    """JSONL from `vllm-dspark gen-data` (several files: comma-separated) -> (examples with at least one anchor,
+    number dropped). Rows whose "id" is in ``exclude`` (a held-out set) are skipped; at most ``limit`` kept. A
+    last line cut by a writer still appending (gen-data running) is ignored."""
     end_ids = end_token_ids(tokenizer)
     out, dropped = [], 0
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    for one in str(path).split(","):
+        lines = Path(one).read_text().split("\n")  # not splitlines(): U+2028 may sit inside a JSON string
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                messages = json.loads(line)["messages"]
+                row = json.loads(line)
+                messages = row["messages"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'messages' ({e})") from None
+                if lineno == len(lines) and isinstance(e, json.JSONDecodeError):
+                    continue
+                raise ValueError(f"{one}:{lineno}: expected a JSON object with 'messages' ({e})") from None
+            if row.get("id") in exclude:
+                continue
             ex = encode_conversation(tokenizer, messages, max_len, end_ids)
             if any(ex.mask[1:]):  # an anchor needs a supervised next token
                 out.append(ex)
             else:
                 dropped += 1
+            if limit is not None and len(out) >= limit:
+                return out, dropped
     if not out:
         raise ValueError(f"{path}: no conversation with an assistant turn inside max_len={max_len} tokens")
     return out, dropped
@@ -173,13 +195,13 @@ class LossModule(nn.Module):
     """The drafter with :func:`dspark_loss` as its forward, so DDP can wrap it (DDP syncs gradients of what
     runs through its forward). Returns (weighted_sum, weight_sum, stats [3, g])."""
 
-    def __init__(self, drafter: DSparkDrafter, loss_type: str):
+    def __init__(self, drafter: DSparkDrafter, loss_type: str, ce_labels: str = "data"):
         super().__init__()
-        self.drafter, self.loss_type = drafter, loss_type
+        self.drafter, self.loss_type, self.ce_labels = drafter, loss_type, ce_labels
 
     def forward(self, features, target_logits, input_ids, loss_mask, anchors):
         out = dspark_loss(self.drafter, features, target_logits, input_ids, loss_mask, anchors,
-                          loss_type=self.loss_type)
+                          loss_type=self.loss_type, ce_labels=self.ce_labels)
         return out.weighted_sum, out.weight_sum, out.stats.as_tensor()
 
 
@@ -197,10 +219,10 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(module: nn.Module, target: TargetFeatures, examples: list[Example], sample_ids: list[int], *,
-               args: argparse.Namespace, pad_id: int) -> tuple[float, LossStats, int]:
+               args: argparse.Namespace, pad_id: int) -> tuple[float, LossStats, int, int]:
     """Forward/backward of this rank's shard of one global batch; gradients left in .grad.
 
-    -> (global loss, global stats, global tokens) — identical on every rank.
+    -> (global loss, global stats, global tokens, global blocks) — identical on every rank.
     """
     rank, world = _world()
     g = (module.module if hasattr(module, "module") else module).drafter.cfg.block_size
@@ -211,7 +233,7 @@ def train_step(module: nn.Module, target: TargetFeatures, examples: list[Example
     device = next(module.parameters()).device
     for chunk in chunks:
         ids, attn, mask = collate([examples[i] for i in chunk], pad_id)
-        anchors = sample_anchors(mask, args.anchors_per_seq,
+        anchors = sample_anchors(mask, args.anchors_per_seq or mask.shape[1],
                                  [anchor_generator(args.seed, sample_ids[i]) for i in chunk])
         batches.append(tuple(t.to(device) for t in (ids, attn, mask, anchors)))
     # The normaliser of the whole global batch, before any forward: DDP averaging stays exact.
@@ -219,6 +241,7 @@ def train_step(module: nn.Module, target: TargetFeatures, examples: list[Example
     weight = _all_reduce(weight.double().to(device)).float()
     weighted = torch.zeros((), dtype=torch.float64, device=device)
     stats = torch.zeros(3, g, dtype=torch.float64, device=device)
+    blocks = torch.tensor([float(sum(int((a >= 0).sum()) for _, _, _, a in batches))], dtype=torch.float64)
     for j, (ids, attn, mask, anchors) in enumerate(batches):
         tgt = target(ids, attn)
         sync = j == len(batches) - 1 or not hasattr(module, "no_sync")
@@ -227,23 +250,28 @@ def train_step(module: nn.Module, target: TargetFeatures, examples: list[Example
             (wsum * world / weight).backward()  # DDP averages over ranks; undo it so the sum is global
         weighted += wsum.detach().double()
         stats += st.to(device)
-    reduced = _all_reduce(torch.cat([weighted[None], stats.flatten()])).cpu()
+    reduced = _all_reduce(torch.cat([weighted[None], blocks.to(device), stats.flatten()])).cpu()
     tokens = sum(len(e.ids) for e in examples)
-    return float(reduced[0] / weight.double().cpu()), LossStats.from_tensor(reduced[1:].view(3, g)), tokens
+    return (float(reduced[0] / weight.double().cpu()), LossStats.from_tensor(reduced[2:].view(3, g)), tokens,
+            int(reduced[1]))
 
 
 # ----------------------------------------------------------------------------- checkpoints
 STATE_FILE = "trainer_state.pt"
 
 
-def save_checkpoint(directory: Path, drafter: DSparkDrafter, optimizer, step: int, args) -> None:
-    save_drafter(drafter, directory, dtype=getattr(torch, args.save_dtype))
+def save_checkpoint(directory: Path, drafter: DSparkDrafter, optimizer, step: int, args, *,
+                    totals: dict | None = None, scale: torch.Tensor | None = None) -> None:
+    with folded(drafter, scale):
+        save_drafter(drafter, directory, dtype=getattr(torch, args.save_dtype))
     state = dict(
         step=step,
         model={k: v.detach().clone() for k, v in drafter.trainable_state_dict().items()},  # float32, exact
         optimizer=optimizer.state_dict(),
         rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state()),
         args={k: v for k, v in vars(args).items()},
+        totals=dict(totals or {}),  # blocks seen and training seconds so far (the learning curve's x axes)
+        feature_scale=scale,
     )
     tmp = directory / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
@@ -282,6 +310,8 @@ def train(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"--batch-size={args.batch_size}: expected a multiple of the {world} DDP ranks")
     if args.loss not in LOSS_TYPES:
         raise ValueError(f"--loss={args.loss!r}: expected one of {list(LOSS_TYPES)}")
+    if args.heldout and not args.eval_every:
+        raise ValueError(f"--heldout={args.heldout!r}: expected --eval-every N > 0 (steps between evaluations)")
     from transformers import AutoTokenizer
 
     out = Path(args.out)
@@ -289,7 +319,8 @@ def train(args: argparse.Namespace) -> list[dict]:
     target_config = json.loads((Path(args.target) / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    examples, dropped = load_examples(args.data, tokenizer, args.max_len)
+    heldout_ids = read_ids(args.heldout) if args.heldout else set()
+    examples, dropped = load_examples(args.data, tokenizer, args.max_len, exclude=heldout_ids)
 
     resume_state = None
     if args.resume:
@@ -313,24 +344,41 @@ def train(args: argparse.Namespace) -> list[dict]:
     else:
         draft_ids = None
         if args.draft_vocab:
-            draft_ids = select_draft_vocab(token_counts(examples, target_config), args.draft_vocab,
+            counted = examples if not args.vocab_data else \
+                load_examples(args.vocab_data, tokenizer, args.max_len, exclude=heldout_ids)[0]
+            draft_ids = select_draft_vocab(token_counts(counted, target_config), args.draft_vocab,
                                            always=end_token_ids(tokenizer))
         drafter = new_drafter(target_model, target_config, seed=args.seed, num_layers=args.layers,
                               markov_rank=args.markov_rank, block_size=args.block_size,
                               num_target_layer_ids=args.num_target_layers, draft_token_ids=draft_ids)
+        if args.init_target_layers:
+            copy_target_layers(drafter, target_model)
     drafter.cfg.check_target(target_config)
     drafter.float().to(args.device).train()
     target = TargetFeatures(target_model, drafter.cfg.target_layer_ids, cache_dir=args.feature_cache)
     if args.cache_only:
         return fill_feature_cache(target, examples, args, pad_id)
+    scale = None
+    if resume_state is not None and resume_state.get("feature_scale") is not None:
+        scale = resume_state["feature_scale"]
+    elif args.feature_norm and resume_state is None:
+        scale = feature_scale(target, [collate(examples[i:i + 4], pad_id)[:2]
+                                       for i in range(0, min(32, len(examples)), 4)],
+                              len(drafter.cfg.target_layer_ids))
+    target.feature_scale = scale
+    heldout = None
+    if args.heldout:
+        held, _ = load_examples(args.heldout, tokenizer, args.max_len, limit=args.heldout_size)
+        heldout = HeldOut(target, held, drafter.cfg.block_size)
 
-    module: nn.Module = LossModule(drafter, args.loss)
+    module: nn.Module = LossModule(drafter, args.loss, args.ce_labels)
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=None)
     params = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    start = 0
+    start, totals = 0, dict(blocks=0, seconds=0.0)
     if resume_state is not None:
+        totals.update(resume_state.get("totals") or {})
         optimizer.load_state_dict(resume_state["optimizer"])
         start = resume_state["step"]
         rng = resume_state["rng"]
@@ -352,30 +400,42 @@ def train(args: argparse.Namespace) -> list[dict]:
             group["lr"] = lr
         idx = batch_indices(step, args.batch_size, len(examples), args.seed)
         sample_ids = [step * args.batch_size + j for j in range(args.batch_size)]
-        loss, stats, tokens = train_step(module, target, [examples[i] for i in idx], sample_ids, args=args,
-                                         pad_id=pad_id)
+        loss, stats, tokens, blocks = train_step(module, target, [examples[i] for i in idx], sample_ids,
+                                                 args=args, pad_id=pad_id)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
+        totals["blocks"] += blocks
+        totals["seconds"] += dt
         acc = stats.acceptance()
         rec = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, acc=acc, tau_est=expected_tau(acc),
-                   greedy=stats.greedy(), supervised=stats.tokens, tokens=tokens, tokens_per_s=tokens / dt)
+                   greedy=stats.greedy(), supervised=stats.tokens, tokens=tokens, tokens_per_s=tokens / dt,
+                   blocks=totals["blocks"], blocks_per_s=blocks / dt, hours=totals["seconds"] / 3600)
+        last = step + 1 == args.steps
+        if heldout is not None and rank == 0 and ((step + 1) % args.eval_every == 0 or last):
+            rec["heldout"] = heldout.accuracy(drafter)  # not timed: the curve's hours are training hours
+            rec["heldout_blocks"] = heldout.blocks
         records.append(rec)
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if "heldout" in rec:
+                plot_learning_curve(log_path, out / "learning_curve.png")
             if bar is not None:
-                bar.set_postfix_str(f"loss {loss:.3f} acc {_compact(acc)} tau~{rec['tau_est']:.2f} "
-                                    f"tok/s {tokens / dt:,.0f}")
+                held = f" held-out {_compact(rec['heldout'][:3])} tau~{tau_estimate(rec['heldout']):.2f}" \
+                    if "heldout" in rec else ""
+                bar.set_postfix_str(f"loss {loss:.3f} acc {_compact(acc)} blocks/s {blocks / dt:,.0f}{held}")
                 bar.update(1)
-            if args.save_every and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-                save_checkpoint(out / "checkpoints" / f"step_{step + 1:06d}", drafter, optimizer, step + 1, args)
+            if args.save_every and ((step + 1) % args.save_every == 0 or last):
+                save_checkpoint(out / "checkpoints" / f"step_{step + 1:06d}", drafter, optimizer, step + 1, args,
+                                totals=totals, scale=scale)
                 _prune(out, args.keep_checkpoints)
     if bar is not None:
         bar.close()
     if rank == 0:
-        save_drafter(drafter, out, dtype=getattr(torch, args.save_dtype))
+        with folded(drafter, scale):
+            save_drafter(drafter, out, dtype=getattr(torch, args.save_dtype))
     return records
 
 
@@ -494,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vllm-dspark train", description=__doc__.split("\n")[0],
                                  formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder (frozen; its tokenizer and chat template)")
-    ap.add_argument("--data", required=True, help="JSONL from `vllm-dspark gen-data` (answers by the target)")
+    ap.add_argument("--data", required=True,
+                    help="JSONL from `vllm-dspark gen-data` (answers by the target); several: comma-separated")
     ap.add_argument("--out", required=True, help="output folder: drafter, train_log.jsonl, checkpoints/")
     ap.add_argument("--layers", type=int, default=d["layers"], help="draft transformer layers")
     ap.add_argument("--markov-rank", type=int, default=d["markov_rank"], help="0 = Markov-less ablation")
@@ -515,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay")
     ap.add_argument("--clip", type=float, default=d["clip"], help="grad-norm clip")
     ap.add_argument("--anchors-per-seq", type=int, default=d["anchors_per_seq"],
-                    help="blocks trained per sequence (DeepSpec: 512); the main cost knob")
+                    help="blocks trained per sequence (DeepSpec: 512; 0 = all); the main cost knob")
     ap.add_argument("--max-len", type=int, default=d["max_len"], help="tokens per conversation (truncated)")
     ap.add_argument("--seed", type=int, default=d["seed"], help="init, data order and anchors")
     ap.add_argument("--save-every", type=int, default=d["save_every"],
@@ -524,6 +585,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", help="checkpoint folder, or a previous --out (its newest checkpoint)")
     ap.add_argument("--loss", choices=LOSS_TYPES, default=d["loss"],
                     help="dspark = 0.1 CE + 0.9 L1 + BCE; ce = the DFlash baseline (CE + BCE)")
+    ap.add_argument("--ce-labels", choices=CE_LABELS, default=d["ce_labels"],
+                    help="CE target: the data's next token (DeepSpec) or the target's greedy token there")
+    ap.add_argument("--heldout", help="JSONL of target-written conversations never trained on (ids excluded "
+                                      "from --data): teacher-forced greedy accuracy per position, learning curve")
+    ap.add_argument("--heldout-size", type=int, default=d["heldout_size"], help="conversations of --heldout used")
+    ap.add_argument("--eval-every", type=int, default=d["eval_every"], help="steps between held-out evaluations")
+    ap.add_argument("--vocab-data", help="JSONL(s) whose assistant tokens pick --draft-vocab (default: --data), "
+                                         "e.g. only the target-written part of a mix")
+    ap.add_argument("--init-target-layers", action="store_true",
+                    help="start the draft layers from the target's top layers, fc passing the last feature "
+                         "layer through")
+    ap.add_argument("--feature-norm", action="store_true",
+                    help="scale each target layer's features to unit RMS before fc (folded into fc when saved)")
     ap.add_argument("--feature-cache", help="cache target features here (fp16; worth it for small targets)")
     ap.add_argument("--cache-only", action="store_true",
                     help="fill --feature-cache for shard --cache-shard of the data, then exit (no training)")
