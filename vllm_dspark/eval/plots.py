@@ -206,7 +206,7 @@ def plot_throughput(results: Sequence[Mapping], path, title: str = "Output throu
     ``results`` items: ``{"method": str, "concurrency": int, "tokens_per_s": float}``.
     """
     methods, conc, tps = _throughput_table(results)
-    fig = _new_figure(max(7.0, 1.2 * len(conc) + 3.0), 4.5)
+    fig = _new_figure(max(9.0, 1.2 * len(conc) + 4.0), 4.8)  # room for the legend beside the axes
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
     x = np.arange(len(conc))
@@ -227,7 +227,7 @@ def plot_throughput_vs_concurrency(
 ) -> str:
     """One line per method: tokens/s against concurrency (log2 x axis when it spans more than 8x)."""
     methods, conc, tps = _throughput_table(results)
-    fig = _new_figure()
+    fig = _new_figure(9.0, 4.8)
     ax = fig.add_subplot()
     for i, m in enumerate(methods):
         ok = ~np.isnan(tps[i])
