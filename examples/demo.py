@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "demo"))
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the demo's own tables
 
     from vllm_dspark.assets import smollm2_path
     from vllm_dspark.eval import bench, evaluate

@@ -25,8 +25,9 @@ REGISTRATION_LOG_ENV = "VLLM_DSPARK_REGISTRATION_LOG"
 # that does not exist (yet) is skipped, so the list can name steps before they are written.
 # The runner wrappers (vllm_dspark.integration.compat) are NOT installed here: they import vLLM's model runner
 # (heavy) and are only needed where a DSparkProposer is built, which installs them itself. The metrics step
-# only registers a Prometheus collector (so the API server's /metrics shows vllm_dspark:* numbers).
-_INSTALLERS: tuple[str, ...] = ("vllm_dspark.integration.metrics",)
+# only registers a Prometheus collector (so the API server's /metrics shows vllm_dspark:* numbers); the preflight
+# step wraps vLLM's config creation (already imported when register() runs) to refuse a bad drafter in seconds.
+_INSTALLERS: tuple[str, ...] = ("vllm_dspark.integration.metrics", "vllm_dspark.preflight")
 
 # Names exported lazily: attribute -> module that defines it.
 _LAZY: dict[str, str] = {"DSparkProposer": "vllm_dspark.integration.proposer"}

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import HelpFormatter
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "VLLM_DSPARK_CACHE"
@@ -166,6 +168,7 @@ def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="vllm-dspark convert-smollm2",
         description=f"Convert the SmolLM2-135M-Instruct GGUF shipped by {_SMOLLM2.dist} to an HF folder (cached).",
+        formatter_class=HelpFormatter,
     )
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

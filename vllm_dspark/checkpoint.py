@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .cli import HelpFormatter
 from .config import DSparkConfig, DSparkConfigError, _bad
 from .model.drafter import DSparkDrafter
 
@@ -325,10 +326,12 @@ def summary(model: DSparkDrafter, directory: str | Path) -> str:
 
 
 def check_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="vllm-dspark check", description="Validate a DSpark drafter checkpoint.")
+    ap = argparse.ArgumentParser(prog="vllm-dspark check", description="Validate a DSpark drafter checkpoint.",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--drafter", required=True, help="drafter directory (config.json + *.safetensors)")
     ap.add_argument("--target", help="target HF folder: check vocab/hidden/layers and borrow embeddings")
-    ap.add_argument("-k", "--num-speculative-tokens", type=int, help="check K against the trained block size")
+    ap.add_argument("-k", "--num-speculative-tokens", type=int, metavar="K",
+                    help="check K against the trained block size")
     args = ap.parse_args(argv)
     try:
         model = load_drafter(args.drafter, args.target)
@@ -343,14 +346,15 @@ def check_main(argv: list[str]) -> int:
 
 
 def init_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="vllm-dspark init", description="Write a fresh (untrained) drafter.")
+    ap = argparse.ArgumentParser(prog="vllm-dspark init", description="Write a fresh (untrained) drafter.",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder")
     ap.add_argument("--out", required=True, help="output drafter directory")
     ap.add_argument("--layers", type=int, default=2, help="draft transformer layers (paper: 2 beat 5-layer DFlash)")
     ap.add_argument("--markov-rank", type=int, default=256, help="Markov head rank; 0 = Markov-less ablation")
     ap.add_argument("--block-size", type=int, default=7, help="draft tokens per block")
     ap.add_argument("--num-target-layers", type=int, default=5, help="how many target layers feed the drafter")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="torch seed of the random initialisation")
     args = ap.parse_args(argv)
     try:
         model = init_drafter(args.target, args.out, seed=args.seed, num_layers=args.layers,

@@ -5,6 +5,7 @@ imported only when their subcommand runs, so `vllm-dspark check` never imports v
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -20,6 +21,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vllm_dspark.eval.bench:main", "end-to-end tokens/s: none vs ngram vs DSpark, interleaved"),
     "soak": ("vllm_dspark.eval.soak:main", "long mixed-traffic run against the server; leaks and mismatches"),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every subcommand's help shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _usage() -> str:

@@ -347,3 +347,47 @@ def test_probabilistic_drafts_accept_more_than_greedy_drafts(engine_env, sharp_t
         assert r["rounds"] >= 500
         assert r["vllm_rounds"] == r["rounds"] and r["vllm_per_round"] == pytest.approx(r["per_round"])
     assert prob["per_round"] > 1.5 * greedy["per_round"] and prob["per_round"] > greedy["per_round"] + 0.1
+
+
+@pytest.mark.parametrize("probabilistic", [True, False])
+def test_a_seeded_request_repeats_alone_in_a_busy_batch_and_after_a_restart(vllm_env, sharp_target, trained_drafter,
+                                                                          probabilistic):
+    """temperature=0.8, seed=7 gives one text: alone, among unseeded requests, again, and in a new engine. The
+    default adaptive policy plans the unseeded requests; the seeded one drafts the full K every step, with draft
+    noise keyed by its seed and position (request ids stay randomised here, as in a server)."""
+    from vllm import SamplingParams
+
+    from vllm_dspark.integration.compat import external_request_id
+
+    target_dir, _, tokenizer = sharp_target
+    seeded = SamplingParams(seed=7, temperature=0.8, max_tokens=32, ignore_eos=True)
+    prompt = {"prompt_token_ids": tokenizer(PROMPT)["input_ids"]}
+    others = [({"prompt_token_ids": tokenizer(f"the {w} was long and the water")["input_ids"]},
+               SamplingParams(temperature=t, max_tokens=m, ignore_eos=True))
+              for w, t, m in [("town", 0.8, 40), ("day", 0.0, 24), ("road", 1.0, 48), ("boat", 0.5, 8),
+                              ("people", 0.0, 40), ("night", 1.2, 32)]]
+
+    def text(llm, with_others: bool) -> list[int]:
+        batch = others[:3] + [(prompt, seeded)] + others[3:] if with_others else [(prompt, seeded)]
+        outs = llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False)
+        out = outs[3 if with_others else 0]
+        return list(out.outputs[0].token_ids), out.request_id
+
+    llm = _llm(target_dir, trained_drafter, mode="adaptive", probabilistic=probabilistic)
+    alone, alone_id = text(llm, False)
+    busy, busy_id = text(llm, True)
+    again, again_id = text(llm, False)
+    prop = _proposer(llm)
+    ids = (alone_id, busy_id, again_id)
+    mine = [r for r in prop.records if external_request_id(r["req_id"]) in ids]
+    rounds = [r for r in prop.stats.round_log if external_request_id(r[0]) in ids]
+    del llm, prop
+    gc.collect()
+    restarted, _ = text(_llm(target_dir, trained_drafter, mode="adaptive", probabilistic=probabilistic), False)
+    gc.collect()
+    assert len(alone) == 32
+    assert busy == alone and again == alone and restarted == alone
+    # It really speculated: full blocks every step, drafts verified (and, sampled with q, some accepted).
+    assert mine and all(len(r["drafts"]) == K for r in mine if r["position"] + 1 + K <= 256)
+    assert sum(drafted for _, drafted, _, _ in rounds) >= 3 * 8 * K
+    assert sum(accepted for _, _, accepted, _ in rounds) > 0 or not probabilistic

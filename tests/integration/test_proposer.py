@@ -222,6 +222,7 @@ def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypa
     from vllm import SamplingParams
     from vllm.v1.sample.rejection_sampler import RejectionSampler
 
+    from vllm_dspark.integration.proposer import DSparkProposer
     from vllm_dspark.scheduling import DraftPause
 
     target, drafter_dir = drafters["llama"]
@@ -238,6 +239,11 @@ def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypa
 
     monkeypatch.setattr(RejectionSampler, "forward", counted)
     monkeypatch.setattr(DraftPause, "active", lambda self, step, batch: True)
+    # Seeded requests draft through pauses (so that their text does not depend on timing): hide their seeds from
+    # the proposer here, which then pauses them too, while vLLM still samples them with their generators.
+    set_batch = DSparkProposer.set_batch
+    monkeypatch.setattr(DSparkProposer, "set_batch",
+                        lambda self, req_ids, metadata, budget, seeds=None: set_batch(self, req_ids, metadata, budget))
     llm = _llm(target, drafter_dir, enable_prefix_caching=False)
     spec = llm.generate(prompts, params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
@@ -265,7 +271,7 @@ def _startup_error(target, drafter, k=3, extra=None) -> str:
 def test_startup_validation_errors(vllm_env, drafters, tmp_path):
     target, good = drafters["llama"]
     assert "num_speculative_tokens=5: expected an integer in [1, 4]" in _startup_error(target, good, k=5)
-    assert "unknown key(s) ['drafterr']" in _startup_error(target, good, extra={"drafterr": 1})
+    assert "unknown key(s) 'drafterr' (did you mean 'drafter'?)" in _startup_error(target, good, extra={"drafterr": 1})
     missing = tmp_path / "nope"
     assert "nope" in _startup_error(target, missing)
     other = tmp_path / "other-vocab"
@@ -351,3 +357,27 @@ def test_tensor_parallel_2_on_cpu(vllm_env, drafters, monkeypatch):
     assert _spec_counters(llm)["vllm:spec_decode_num_drafts"] > 0
     del llm
     gc.collect()
+
+
+def test_a_drafter_without_confidence_head_drafts_for_seeded_and_unseeded_requests(vllm_env, drafters, tmp_path):
+    """No confidence head (no adaptive plan): every request, seeded or not, drafts K, without a single fault."""
+    from safetensors.torch import load_file, save_file
+    from vllm import SamplingParams
+
+    target, good = drafters["llama"]
+    bare = tmp_path / "no-confidence"
+    shutil.copytree(good, bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    cfg["enable_confidence_head"] = False
+    (bare / "config.json").write_text(json.dumps(cfg))
+    weights = {n: t for n, t in load_file(str(bare / "model.safetensors")).items() if "confidence_head" not in n}
+    save_file(weights, str(bare / "model.safetensors"))
+    prompts = _prompts(4)
+    params = [SamplingParams(max_tokens=12, temperature=0.0),
+              SamplingParams(max_tokens=12, temperature=0.8, seed=3)] * 2
+    llm = _llm(target, bare, enable_prefix_caching=False, enable_chunked_prefill=False)
+    llm.generate(prompts, params, use_tqdm=False)
+    prop = _proposer(llm)
+    assert prop.stats.faults == 0 and prop.stats.num_rounds > 0
+    assert {len(r["drafts"]) for r in prop.records} == {3}
+    _close(llm)

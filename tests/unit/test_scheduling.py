@@ -446,7 +446,7 @@ def _bare_proposer(k: int = 4):
     prop._probe_steps = 0
     prop.draft_rest, prop.plain_rest, prop._timing = LinearCost(overhead_tokens=4.0), None, None
     prop.payoff, prop._last_ratio, prop._batch_req_ids = PayoffMeter(), None, [f"r{i}" for i in range(k)]
-    prop._payoff_logged = set()
+    prop._payoff_logged, prop._seeds = set(), {}
     prop.stats.steps = 100
     return prop
 

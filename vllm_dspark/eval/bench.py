@@ -50,6 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vllm_dspark.cli import HelpFormatter
 from vllm_dspark.eval.evaluate import default_k, dspark_spec, json_ready, prepare_env
 from vllm_dspark.eval.prompts import load_prompts
 
@@ -227,7 +228,8 @@ def _parse_ints(text: str, flag: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vllm-dspark bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="vllm-dspark bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder")
     ap.add_argument("--drafter", default=None, help="DSpark drafter folder (method 'dspark')")
     ap.add_argument("--ablation", default=None, help="markov_rank=0 drafter folder (method 'dspark-ablation')")
@@ -236,13 +238,13 @@ def _parser() -> argparse.ArgumentParser:
                          "dspark (+ dspark-ablation with --ablation)")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated maximum requests in flight")
     ap.add_argument("--prompts", default="mtbench", help="mtbench | FILE (turn-1 prompts)")
-    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--num-prompts", type=int, default=16, help="prompts per cell (closed loop)")
     ap.add_argument("--min-prompts", type=int, default=0,
                     help="cells at concurrency c use min(--num-prompts, max(this, 2c)) prompts, so c=1 cells do "
                          "not take hours; 0 = every cell uses all --num-prompts")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None,
+    ap.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every cell; ratios are medians over rounds")
+    ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None, metavar="K",
                     help="DSpark draft tokens (default: the drafter's block size)")
     ap.add_argument("--warmup-tokens", type=int, default=8, help="untimed warm-up generation per engine (0: none)")
     ap.add_argument("--interleave", choices=("slices", "cells"), default="slices",
@@ -252,10 +254,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--rebuild", action="store_true",
                     help="build each engine per cell (when all do not fit; implies --interleave cells)")
     ap.add_argument("--out", required=True, help="output folder (report.json, PNGs)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="float32", help="target dtype of every engine")
+    ap.add_argument("--max-model-len", type=int, default=2048, help="vLLM's max_model_len of every engine")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE per engine, unless set")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="vLLM's seed of every engine")
     return ap
 
 
@@ -337,9 +339,14 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from vllm_dspark.eval.plots import plot_throughput, plot_throughput_vs_concurrency
 
-    report["plots"] = {"throughput": Path(plot_throughput(report["results"], out / "throughput.png")).name,
+    cfg = report["config"]
+    subtitle = (f"{Path(cfg['target']).name}, {cfg['prompts']}: up to {cfg['num_prompts']} prompts x "
+                f"{cfg['max_tokens']} tokens, greedy, K={args.k or 'the drafter block'}, median of {cfg['rounds']} "
+                "rounds")
+    report["plots"] = {"throughput": Path(plot_throughput(report["results"], out / "throughput.png",
+                                                          subtitle=subtitle)).name,
                        "throughput_vs_concurrency": Path(plot_throughput_vs_concurrency(
-                           report["results"], out / "throughput_vs_concurrency.png")).name}
+                           report["results"], out / "throughput_vs_concurrency.png", subtitle=subtitle)).name}
     (out / "report.json").write_text(json.dumps(json_ready(report), indent=2) + "\n")
     print(format_table(report))
     print(f"report: {out / 'report.json'}")

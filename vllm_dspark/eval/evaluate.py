@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from vllm_dspark.cli import HelpFormatter
 from vllm_dspark.eval.metrics import AcceptanceStats, calibration_report, per_category_tau, reliability_bins
 from vllm_dspark.eval.prompts import Prompt, load_prompts
 
@@ -262,6 +263,9 @@ def drafter_report(run: EvalRun) -> tuple[dict, dict]:
         "tau": stats.tau,
         "acceptance_conditional": stats.conditional.tolist(),
         "acceptance_survival": stats.survival.tolist(),
+        # denominators: rounds that drafted >= k tokens (survival) / reached position k (conditional)
+        "acceptance_counts": {"drafted_at": stats.drafted_at.tolist(), "reached_at": stats.reached_at.tolist(),
+                              "accepted_at": stats.accepted_at.tolist()},
         "per_category_tau": per_category_tau([run.categories[r[0]] for r in run.rounds], d, a),
         "drafter_config": json.loads(config_path.read_text()) if config_path.is_file() else None,
         "our_counters": ours,
@@ -291,24 +295,40 @@ def json_ready(x: Any) -> Any:
     return x
 
 
+def measured(header: dict, runs: list[EvalRun]) -> str:
+    """What an eval measured, in one line for its plots' titles."""
+    ks = sorted({run.k for run in runs})
+    prompts = f"{header.get('prompts')} turn {header.get('turn')}" if header.get("turn") else header.get("prompts")
+    return (f"{Path(str(header.get('target', '?'))).name}, {prompts}: {header.get('num_prompts')} prompts x "
+            f"{header.get('max_tokens')} tokens, K={'/'.join(map(str, ks))}, T={header.get('temperature')}, "
+            f"{header.get('mode')} block lengths")
+
+
 def write_report(out: Path, header: dict, runs: list[EvalRun]) -> dict:
     from vllm_dspark.eval.plots import plot_conditional_acceptance, plot_reliability, plot_survival
 
     out.mkdir(parents=True, exist_ok=True)
     report = dict(header, drafters={})
     plots = {}
+    subtitle = measured(header, runs)
     for run in runs:
         entry, bins = drafter_report(run)
         report["drafters"][run.label] = entry
         if bins:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run.label)
             plots[f"reliability_{run.label}"] = plot_reliability(
-                bins, out / f"reliability_{safe}.png", title=f"Reliability of predicted survival: {run.label}")
+                bins, out / f"reliability_{safe}.png", title=f"Reliability of predicted survival: {run.label} "
+                f"(tau {entry['tau']:.2f}, {entry['num_rounds']} rounds)", subtitle=subtitle)
     entries = report["drafters"]
+    legend = {lbl: f"{lbl}: tau {e['tau']:.2f}, {e['num_rounds']} rounds" for lbl, e in entries.items()}
     plots["conditional"] = plot_conditional_acceptance(
-        {lbl: e["acceptance_conditional"] for lbl, e in entries.items()}, out / "conditional_acceptance.png")
-    plots["survival"] = plot_survival({lbl: e["acceptance_survival"] for lbl, e in entries.items()},
-                                      out / "survival.png")
+        {lbl: e["acceptance_conditional"] for lbl, e in entries.items()}, out / "conditional_acceptance.png",
+        counts={lbl: e["acceptance_counts"]["reached_at"] for lbl, e in entries.items()}, legend=legend,
+        subtitle=subtitle)
+    plots["survival"] = plot_survival(
+        {lbl: e["acceptance_survival"] for lbl, e in entries.items()}, out / "survival.png",
+        counts={lbl: e["acceptance_counts"]["drafted_at"] for lbl, e in entries.items()}, legend=legend,
+        subtitle=subtitle)
     report["plots"] = {name: os.path.basename(p) for name, p in plots.items()}
     report = json_ready(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -342,7 +362,7 @@ def format_table(report: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def _parser(prog: str, many: bool) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder")
     ap.add_argument("--drafter", required=True, action="append" if many else "store",
                     help="drafter folder" + (" (repeat to compare several)" if many else ""))
@@ -350,21 +370,21 @@ def _parser(prog: str, many: bool) -> argparse.ArgumentParser:
         ap.add_argument("--label", action="append", default=None, help="name per --drafter (default: folder name)")
     ap.add_argument("--prompts", default="mtbench", help="mtbench | FILE (.jsonl {prompt|turns, category} or text)")
     ap.add_argument("--turn", type=int, choices=(1, 2), default=1, help="2 = second turn after the model's answer")
-    ap.add_argument("--num-prompts", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None,
+    ap.add_argument("--num-prompts", type=int, default=None, help="first N prompts (default: all)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="tokens generated per prompt")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, default=None, metavar="K",
                     help="draft tokens per round (default: the drafter's block size)")
     ap.add_argument("--mode", choices=("fixed", "adaptive"), default="fixed",
-                    help="DSpark block lengths: fixed = always K drafts, so every position is measured (default); "
+                    help="DSpark block lengths: fixed = always K drafts, so every position is measured; "
                          "adaptive = the load-aware policy decides per request")
     ap.add_argument("--dspark-settings", default=None,
                     help='extra additional_config["dspark"] settings as JSON, e.g. \'{"topk": 0}\'')
     ap.add_argument("--out", required=many, default=None, help="output folder (report.json, PNGs)")
     ap.add_argument("--dtype", default="float32", help="target dtype (float32: fastest verification on AVX2 CPUs)")
-    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None, help="vLLM's max_model_len (default: the target's)")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0, help="VLLM_CPU_KVCACHE_SPACE unless already set")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="vLLM's seed")
     return ap
 
 

@@ -32,50 +32,71 @@ def _new_figure(width: float = 7.0, height: float = 4.5) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> str:
+def _save(fig: Figure, path: str | os.PathLike, layout: bool = True) -> str:
     path = os.fspath(path)
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, format="png")
     return path
 
 
-def _per_position(curves: Mapping[str, Sequence[float]], path, title: str, ylabel: str) -> str:
+def _per_position(curves: Mapping[str, Sequence[float]], path, title: str, ylabel: str,
+                  counts: Mapping[str, Sequence[int]] | None = None, legend: Mapping[str, str] | None = None,
+                  subtitle: str = "") -> str:
+    """Lines per drafter; each point labelled with its sample count (``counts``, when given); positions without
+    data (nan) marked "no data" on the axis instead of a line to 0; the legend outside the axes."""
     if not curves:
         raise ValueError("nothing to plot: no curves given")
-    fig = _new_figure()
+    fig = _new_figure(9.0, 4.8)
     ax = fig.add_subplot()
     k_max = 0
-    for label, values in curves.items():
-        y = np.asarray(values, dtype=np.float64)
+    empty_marked = False
+    for c, (label, values) in enumerate(curves.items()):
+        y = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
         x = np.arange(1, y.shape[0] + 1)
         k_max = max(k_max, y.shape[0])
-        ax.plot(x, y, marker="o", label=f"{label} (mean {np.nanmean(y):.2f})" if y.size else label)
+        (line,) = ax.plot(x, y, marker="o", label=(legend or {}).get(label, label))
+        n = None if counts is None or label not in counts else list(counts[label])
+        for xi, yi, ni in zip(x, y, n or [None] * len(x)):
+            if np.isfinite(yi) and ni is not None:
+                # alternate above / below so that two curves' counts at one point stay readable
+                ax.annotate(f"n={ni}", (xi, yi), textcoords="offset points", xytext=(0, 8 if c % 2 == 0 else -13),
+                            ha="center", fontsize="x-small", color=line.get_color())
+        empty = x[~np.isfinite(y)]
+        if empty.size:
+            ax.plot(empty, np.full(empty.shape, 0.02), linestyle="none", marker="x", color="grey",
+                    label=None if empty_marked else "no data (no round reached this position)")
+            empty_marked = True
     ax.set_xticks(np.arange(1, k_max + 1))
     ax.set_xlim(0.5, k_max + 0.5)
-    ax.set_ylim(0.0, 1.02)
+    ax.set_ylim(0.0, 1.08)
     ax.set_xlabel("draft position k")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     return _save(fig, path)
 
 
 def plot_conditional_acceptance(
-    curves: Mapping[str, Sequence[float]], path, title: str = "Conditional acceptance by draft position"
+    curves: Mapping[str, Sequence[float]], path, title: str = "Conditional acceptance by draft position", *,
+    counts: Mapping[str, Sequence[int]] | None = None, legend: Mapping[str, str] | None = None, subtitle: str = "",
 ) -> str:
-    """One line per drafter: P(position k accepted | k-1 accepted) for k = 1..K (the paper's Fig. 2)."""
-    return _per_position(curves, path, title, "P(k accepted | k-1 accepted)")
+    """One line per drafter: P(position k accepted | k-1 accepted) for k = 1..K (the paper's Fig. 2).
+    ``counts``: per drafter, the rounds that reached each position (the ratio's denominator)."""
+    return _per_position(curves, path, title, "P(k accepted | k-1 accepted)", counts, legend, subtitle)
 
 
 def plot_survival(
-    curves: Mapping[str, Sequence[float]], path, title: str = "Survival (accept_rate@k) by draft position"
+    curves: Mapping[str, Sequence[float]], path, title: str = "Survival (accept_rate@k) by draft position", *,
+    counts: Mapping[str, Sequence[int]] | None = None, legend: Mapping[str, str] | None = None, subtitle: str = "",
 ) -> str:
-    """One line per drafter: P(at least k drafts accepted) for k = 1..K (DeepSpec's accept_rate@k)."""
-    return _per_position(curves, path, title, "P(≥ k drafts accepted)")
+    """One line per drafter: P(at least k drafts accepted) for k = 1..K (DeepSpec's accept_rate@k).
+    ``counts``: per drafter, the rounds that drafted at least k tokens (the denominator)."""
+    return _per_position(curves, path, title, "P(≥ k drafts accepted)", counts, legend, subtitle)
 
 
 def _is_bins(x) -> bool:
@@ -93,7 +114,7 @@ def _bins_ece(b: ReliabilityBins) -> float:
     return float((gap * counts[ok]).sum() / counts[ok].sum())
 
 
-def plot_reliability(bins, path, title: str = "Reliability of predicted survival") -> str:
+def plot_reliability(bins, path, title: str = "Reliability of predicted survival", *, subtitle: str = "") -> str:
     """Reliability diagram(s): observed acceptance vs predicted survival, with the diagonal y = x.
 
     ``bins`` may be
@@ -101,7 +122,7 @@ def plot_reliability(bins, path, title: str = "Reliability of predicted survival
       * a list of them, one per draft position (one panel per position),
       * a dict ``{label: ReliabilityBins}`` or ``{label: [ReliabilityBins per position]}`` overlaying curves,
         e.g. ``{"before calibration": ..., "after calibration": ...}``.
-    Legend entries carry each curve's ECE.
+    Each panel's title carries its sample count and each curve's ECE; a panel without samples says so (no ECE).
     """
     if _is_bins(bins):
         curves = {"": [ReliabilityBins(*bins)]}
@@ -115,33 +136,48 @@ def plot_reliability(bins, path, title: str = "Reliability of predicted survival
     num_panels = max(len(v) for v in curves.values())
     cols = min(num_panels, 4)
     rows = -(-num_panels // cols)
-    fig = _new_figure(3.2 * cols + 1.0, 3.2 * rows + 0.6) if num_panels > 1 else _new_figure(5.5, 5.0)
+    fig = _new_figure(3.2 * cols + 1.0, 3.4 * rows + 1.2) if num_panels > 1 else _new_figure(5.5, 5.6)
     axes = fig.subplots(rows, cols, squeeze=False)
+    handles = {}
     for p in range(rows * cols):
         ax = axes[p // cols][p % cols]
         if p >= num_panels:
             ax.set_visible(False)
             continue
-        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        (diag,) = ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        handles["perfect calibration"] = diag
+        n, hits, eces = 0, 0, []
         for label, per_pos in curves.items():
             if p >= len(per_pos):
                 continue
             b = per_pos[p]
             ok = np.asarray(b.counts) > 0
-            name = f"{label} " if label else ""
-            ax.plot(np.asarray(b.confidence)[ok], np.asarray(b.accuracy)[ok], marker="o",
-                    label=f"{name}ECE {_bins_ece(b):.3f}")
+            if int(np.asarray(b.counts).sum()) > n:
+                n = int(np.asarray(b.counts).sum())
+                hits = int(round(float((np.asarray(b.accuracy)[ok] * np.asarray(b.counts)[ok]).sum())))
+            if not ok.any():
+                continue
+            # clip_on=False: points at (0, 0), common at late positions, stay visible on the axes' corner
+            (line,) = ax.plot(np.asarray(b.confidence)[ok], np.asarray(b.accuracy)[ok], marker="o", clip_on=False)
+            handles.setdefault(label or "observed", line)
+            eces.append(f"{label + ' ' if label else ''}{_bins_ece(b):.3f}")
+        if n == 0:
+            ax.text(0.5, 0.5, "no data\n(no round drafted this far)", ha="center", va="center", color="grey",
+                    transform=ax.transAxes)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_aspect("equal")
         ax.set_xlabel("predicted survival")
         ax.set_ylabel("observed acceptance rate")
-        if num_panels > 1:
-            ax.set_title(f"position {p + 1}")
+        head = f"position {p + 1}: " if num_panels > 1 else ""
+        ece = f"\nECE {', '.join(eces)}" if eces else ""
+        ax.set_title(f"{head}n={n}" + (f", {hits} accepted" if n else "") + ece, fontsize="small")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize="small")
-    fig.suptitle(title)
-    return _save(fig, path)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize="medium")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize="small",
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _save(fig, path, layout=False)
 
 
 def _throughput_table(results: Sequence[Mapping]) -> tuple[list[str], list[int], np.ndarray]:
@@ -163,13 +199,14 @@ def _throughput_table(results: Sequence[Mapping]) -> tuple[list[str], list[int],
         return methods, conc, np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def plot_throughput(results: Sequence[Mapping], path, title: str = "Output throughput by concurrency") -> str:
+def plot_throughput(results: Sequence[Mapping], path, title: str = "Output throughput by concurrency", *,
+                    subtitle: str = "") -> str:
     """Grouped bars: one group per concurrency, one bar per method (repeated runs are averaged).
 
     ``results`` items: ``{"method": str, "concurrency": int, "tokens_per_s": float}``.
     """
     methods, conc, tps = _throughput_table(results)
-    fig = _new_figure(max(7.0, 1.2 * len(conc) + 3.0), 4.5)
+    fig = _new_figure(max(9.0, 1.2 * len(conc) + 4.0), 4.8)  # room for the legend beside the axes
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
     x = np.arange(len(conc))
@@ -179,18 +216,18 @@ def plot_throughput(results: Sequence[Mapping], path, title: str = "Output throu
     ax.set_xticks(x, [str(c) for c in conc])
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("output throughput (tokens/s)")
-    ax.set_title(title)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize="medium")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     return _save(fig, path)
 
 
 def plot_throughput_vs_concurrency(
-    results: Sequence[Mapping], path, title: str = "Output throughput vs concurrency"
+    results: Sequence[Mapping], path, title: str = "Output throughput vs concurrency", *, subtitle: str = ""
 ) -> str:
     """One line per method: tokens/s against concurrency (log2 x axis when it spans more than 8x)."""
     methods, conc, tps = _throughput_table(results)
-    fig = _new_figure()
+    fig = _new_figure(9.0, 4.8)
     ax = fig.add_subplot()
     for i, m in enumerate(methods):
         ok = ~np.isnan(tps[i])
@@ -201,7 +238,7 @@ def plot_throughput_vs_concurrency(
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("output throughput (tokens/s)")
     ax.set_ylim(bottom=0)
-    ax.set_title(title)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     return _save(fig, path)

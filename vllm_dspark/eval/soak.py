@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_dspark.cli import HelpFormatter
+
 MODEL_NAME = "soak"
 HOST = "127.0.0.1"
 # Kind -> share of the traffic. Greedy kinds are also sent to the reference server and compared.
@@ -523,18 +525,20 @@ def _server_counters(text: str) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vllm-dspark soak", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="vllm-dspark soak", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder")
     ap.add_argument("--drafter", required=True, help="DSpark drafter directory")
     ap.add_argument("--requests", type=int, required=True, help="requests in the main run")
     ap.add_argument("--out", required=True, help="output directory (report.json, server logs)")
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
-    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=512, help="vLLM's max_model_len of both servers")
     ap.add_argument("--max-tokens", type=int, default=64, help="largest max_tokens of a request")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE of each server")
     ap.add_argument("--num-gpu-blocks", type=int, help="KV blocks of the DSpark server (small: forces preemption)")
     ap.add_argument("--block-size", type=int, help="KV block size of both servers (vLLM's default when unset)")
-    ap.add_argument("-k", type=int, help="speculative tokens (default: the drafter's trained block)")
+    ap.add_argument("-k", "--num-speculative-tokens", dest="k", type=int, metavar="K",
+                    help="speculative tokens (default: the drafter's trained block)")
     ap.add_argument("--prefix-cache-mb", type=int, default=None,
                     help="the DSpark server's drafter prefix cache (default 256 MB; it fills as distinct prompts "
                          "arrive, so a smaller one shows the RSS plateau in a shorter run)")
@@ -542,7 +546,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="ONEDNN_PRIMITIVE_CACHE_CAPACITY of both servers (a bounded cache that otherwise fills "
                          "for ~1 h and looks like growth; 0: oneDNN's default, 1024)")
     ap.add_argument("--dtype", default="float32", help="target dtype of both servers")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the traffic's random choices and the servers' seed")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for both servers to be healthy")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -15,8 +15,9 @@ Every wrapper calls the upstream method unchanged and only acts when the runner'
 - ``sample_tokens``: snapshots the step's aux hidden states, positions and request layout before upstream
   consumes them, so verified rows are captured even on steps where upstream skips the drafter (any request
   within K tokens of max_model_len).
-- ``propose_draft_token_ids``: delivers those rows with the sampled counts (rejected rows dropped) before
-  upstream calls our ``propose``, and afterwards stores our q in the runner's ``_draft_probs`` /
+- ``propose_draft_token_ids``: delivers those rows with the sampled counts (rejected rows dropped) and the
+  seeds of the batch's seeded requests (``runner.requests[id].sampling_params.seed``) before upstream calls
+  our ``propose``, and afterwards stores our q in the runner's ``_draft_probs`` /
   ``_draft_prob_req_ids`` (the slot upstream fills for EAGLE-style drafters), which upstream passes to its
   rejection sampler: speculative sampling at T > 0 then sees the exact q instead of one-hot drafts.
 - ``_sample``: a step where no request verifies drafts uses the plain sampler (what upstream's rejection
@@ -101,6 +102,27 @@ def install() -> None:
     _wrap(GPUModelRunner, "_sample", _wrap_sample)
     _fix_cpu_temperature_expansion()
     _INSTALLED = True
+
+
+def install_preflight() -> None:
+    """Check DSpark's settings and drafter when vLLM builds its config (``EngineArgs.create_engine_config``, in
+    the process that calls ``LLM(...)`` or ``vllm serve``), so that a bad drafter fails there in seconds with
+    our message instead of inside the engine core 30-40 s later, wrapped as "Engine core initialization
+    failed". The proposer validates the same again where it loads."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from ..preflight import check_dspark, is_dspark
+
+    def wrap(original):
+        def create_engine_config(self, *args, **kwargs):
+            config = original(self, *args, **kwargs)
+            spec = config.speculative_config
+            if is_dspark(spec):
+                check_dspark(config.additional_config, spec.num_speculative_tokens, config.model_config.hf_config)
+            return config
+        return create_engine_config
+
+    _wrap(EngineArgs, "create_engine_config", wrap)
 
 
 def _fix_cpu_temperature_expansion() -> None:
@@ -224,8 +246,11 @@ def _wrap_propose(original):
         pending, drafter.pending_rows = drafter.pending_rows, None
         if pending is not None:
             drafter.ingest(pending, sampled_token_ids)
-        drafter.set_batch(list(self.input_batch.req_ids), sampling_metadata,
-                          scheduler_output.num_spec_tokens_to_schedule)
+        req_ids = list(self.input_batch.req_ids)
+        # vLLM keeps a torch.Generator per seeded request (by batch row); the proposer needs the seeds themselves.
+        generators = getattr(sampling_metadata, "generators", None) or {}
+        seeds = {i: self.requests[req_ids[i]].sampling_params.seed for i in generators}
+        drafter.set_batch(req_ids, sampling_metadata, scheduler_output.num_spec_tokens_to_schedule, seeds)
         draft_token_ids = original(self, scheduler_output, sampled_token_ids, sampling_metadata, *args, **kwargs)
         probs = drafter.take_draft_probs()
         if probs is not None:

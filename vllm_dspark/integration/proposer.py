@@ -17,107 +17,25 @@ import logging
 import time
 import zlib
 from pathlib import Path
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..checkpoint import load_drafter, read_weights, validate_weights
-from ..config import DSparkConfig, DSparkConfigError
+from ..config import DSparkConfig
 from ..context import ContextGapError, ContextStore, PrefixCache
 from ..scheduling import (CALIBRATION_FILE, DraftPause, LinearCost, PayoffMeter, apply_temperature,
                           load_calibration, plan_block_lengths)
 from ..drafting import draft_block
 from ..lookup import LookupStats, prompt_lookup
+from ..settings import DSparkSettings  # noqa: F401 - also imported from here by users and tests
 from .. import use_vllm_log_handlers
 from . import compat, metrics
 from .compat import StepRows
 
 logger = logging.getLogger("vllm_dspark")
-
-
-@dataclass
-class DSparkSettings:
-    """``additional_config["dspark"]``: the plugin's own settings (vLLM rejects extra speculative keys)."""
-
-    drafter: str = ""
-    # Bias only the top-k base candidates in the Markov head (0 = dense). On CPU the dense head would cost
-    # ~40% of the drafter's LM head (r/H); top-k makes it negligible. q is then the truncated distribution.
-    topk: int = 32
-    # Hand q to vLLM's rejection sampler for requests with temperature > 0 (speculative sampling).
-    probabilistic: bool = True
-    # Drafter compute dtype: "auto" = float32 on CPU (no bf16 units on AVX2), the target's dtype on GPU.
-    dtype: str = "auto"
-    # The drafter's LM head: "auto" = a bfloat16 copy on CPU (memory-bound there: 1.0 ms instead of 4.8 ms for
-    # SmolLM2's 8192-row draft head with cold caches; see DSparkDrafter.set_head_dtype), the drafter's own
-    # elsewhere; "same" = the drafter's dtype; or "float32" | "bfloat16" | "float16".
-    head_dtype: str = "auto"
-    # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on; blocks
-    # completed while drafting was paused are kept unprojected, ~4x larger, until a request takes them).
-    prefix_cache_mb: int = 256
-    # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
-    # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
-    mode: str = "adaptive"
-    # Adaptive mode: steps to skip drafting after drafting was found not worth its cost; under load (batches
-    # above 4 requests, or a batch size whose drafting steps measured slower than plain ones) doubled after each
-    # further such verdict, up to probe_interval_max, and back to probe_interval when drafting pays again or the
-    # batch halves. See scheduling.DraftPause.
-    probe_interval: int = 32
-    probe_interval_max: int = 1024
-    # Prompt lookup (vllm_dspark.lookup): a greedy request whose text has an earlier occurrence of its last
-    # lookup_min..lookup_max tokens drafts the tokens that followed it instead of running the drafter (vLLM's
-    # ngram rule). Its survival for the load-aware policy is the lookup drafts' measured acceptance. Off by
-    # default: it measures the text's repetitiveness, not the drafter (eval and calibrate keep it off).
-    lookup: bool = False
-    lookup_min: int = 2
-    lookup_max: int = 4
-    # ... only in batches of at most this many requests: under load its drafts cost more than they save on CPU
-    # (bench, SmolLM2: c=1 1.43x; with lookup at every batch size c=16 0.95x and c=32 0.97x vs 1.01 and 1.00).
-    lookup_max_batch: int = 2
-    # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
-    # debugging only (grows without bound).
-    record: bool = False
-
-    @classmethod
-    def from_additional_config(cls, additional: Any) -> "DSparkSettings":
-        raw = (additional or {}).get("dspark") if isinstance(additional, dict) else None
-        if not isinstance(raw, dict):
-            raise DSparkConfigError('additional_config["dspark"]: missing; expected {"drafter": "<drafter dir>", ...} '
-                                    "(e.g. --additional-config '{\"dspark\": {\"drafter\": \"DIR\"}}')")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise DSparkConfigError(f'additional_config["dspark"]: unknown key(s) {unknown}; expected only {sorted(known)}')
-        s = cls(**raw)
-        if not isinstance(s.drafter, str) or not s.drafter:
-            raise DSparkConfigError(f'additional_config["dspark"]["drafter"]={s.drafter!r}: expected a drafter directory')
-        if not isinstance(s.topk, int) or s.topk < 0:
-            raise DSparkConfigError(f'additional_config["dspark"]["topk"]={s.topk!r}: expected an integer >= 0')
-        for name in ("probe_interval", "probe_interval_max"):
-            value = getattr(s, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
-        if not isinstance(s.lookup, bool):
-            raise DSparkConfigError(f'additional_config["dspark"]["lookup"]={s.lookup!r}: expected true or false')
-        for name in ("lookup_min", "lookup_max", "lookup_max_batch"):
-            value = getattr(s, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
-        if s.lookup_max < s.lookup_min:
-            raise DSparkConfigError(f'additional_config["dspark"]["lookup_max"]={s.lookup_max!r}: '
-                                    f'expected >= lookup_min ({s.lookup_min})')
-        if s.probe_interval_max < s.probe_interval:
-            raise DSparkConfigError(f'additional_config["dspark"]["probe_interval_max"]={s.probe_interval_max!r}: '
-                                    f'expected >= probe_interval ({s.probe_interval})')
-        if s.mode not in ("adaptive", "fixed"):
-            raise DSparkConfigError(f'additional_config["dspark"]["mode"]={s.mode!r}: expected adaptive|fixed')
-        if s.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise DSparkConfigError(f'additional_config["dspark"]["dtype"]={s.dtype!r}: expected auto|float32|bfloat16|float16')
-        if s.head_dtype not in ("auto", "same", "float32", "bfloat16", "float16"):
-            raise DSparkConfigError(f'additional_config["dspark"]["head_dtype"]={s.head_dtype!r}: '
-                                    'expected auto|same|float32|bfloat16|float16')
-        return s
 
 
 @dataclass
@@ -179,6 +97,12 @@ class ProposerStats:
             self.round_log.append((req_id, drafted, accepted, list(confidence or [])[:drafted]))
 
 
+def seed_key(seed: int, position: int) -> int:
+    """The draft-noise key of a seeded request drafting from ``position``: distinct per (seed, position), the
+    same in every run, batch and process (``markov_head`` mixes both 32-bit halves)."""
+    return (((int(seed) & 0x7FFFFFFF) + 1) << 32) | (position & 0xFFFFFFFF)
+
+
 def probe_rows(deferred: list[int], turn: int, n: int) -> list[int]:
     """The ``n`` rows a probe drafts: those with the fewest deferred context rows (a probe projects its rows'
     whole deferred context first: at 32 requests paused for hundreds of steps, ~900 rows for 4 fresh requests),
@@ -224,6 +148,7 @@ class DSparkProposer:
         self.pending_rows: StepRows | None = None
         self.stats = ProposerStats()
         self._batch_req_ids: list[str] = []
+        self._seeds: dict[int, int] = {}
         self._temperature: torch.Tensor | None = None
         self._budget = self.num_spec_tokens
         self._last_probs: tuple[torch.Tensor, list[str]] | None = None
@@ -414,8 +339,11 @@ class DSparkProposer:
         for req_id, pos, f in rows:
             self.store.publish_blocks(req_id, step.token_ids[index[req_id], :pos + f.shape[0]])
 
-    def set_batch(self, req_ids: list[str], sampling_metadata: Any, budget: int) -> None:
+    def set_batch(self, req_ids: list[str], sampling_metadata: Any, budget: int,
+                  seeds: dict[int, int] | None = None) -> None:
+        """``seeds``: {batch row: SamplingParams.seed} of the seeded requests (see ``_propose``)."""
         self._batch_req_ids = req_ids
+        self._seeds = seeds or {}
         self._budget = int(budget) if budget else self.num_spec_tokens
         temp = None
         if sampling_metadata is not None and not sampling_metadata.all_greedy:
@@ -437,17 +365,25 @@ class DSparkProposer:
         if self.store is None:
             return out
         t0 = time.perf_counter()
+        # A seeded request's output must be a function of its prompt, parameters and seed alone (vLLM users
+        # rely on that): it always drafts the full K (vLLM draws its verification randomness per draft from the
+        # request's generator), with draft noise keyed by its seed and position; the adaptive policy (pauses,
+        # probes, trimmed blocks, prompt lookup: timing and the batch) plans only the other requests.
+        seeded = self._seeds
+        paused = False
         if self.adaptive and self._pause.active(self.stats.steps, len(sampled_token_ids)):
-            self.stats.steps += 1
-            return out
-        if self.adaptive and self.payoff.loses(len(self._batch_req_ids), self.stats.steps):
+            paused = True
+        elif self.adaptive and self.payoff.loses(len(self._batch_req_ids), self.stats.steps):
             # Drafting steps of this batch size measured slower (in tokens/s) than plain ones, lately: pause at
             # once, growing, instead of a probe every probe_interval steps (at 4 requests on SmolLM2 / this CPU:
             # ~2% of throughput); once that measurement is stale a probe drafts again and renews it.
             self._pause.not_worth_it(self.stats.steps, len(sampled_token_ids))
+            paused = True
+        if paused and not seeded:
             self.stats.steps += 1
             return out
-        k = max(0, min(self.num_spec_tokens, self._budget, self._g if self.adaptive else self.num_spec_tokens))
+        full = max(0, min(self.num_spec_tokens, self._budget))
+        k = 0 if paused else min(full, self._g) if self.adaptive else full
         rows, anchors, temps = [], [], []
         for i, sampled in enumerate(sampled_token_ids):
             if not sampled or i >= len(self._batch_req_ids):
@@ -457,7 +393,8 @@ class DSparkProposer:
             if req_id in self._gap_reqs or self.store.length(req_id) != n - 1:
                 self._skip(req_id, n - 1)
                 continue
-            if n + k > self.max_model_len or k == 0:
+            width = full if i in seeded else k
+            if n + width > self.max_model_len or width == 0:
                 continue
             rows.append(i)
             anchors.append(int(sampled[-1]))
@@ -468,18 +405,23 @@ class DSparkProposer:
         self.stats.steps += 1
         if not rows:
             return out
-        batch = len(rows)
+        fixed = [j for j, i in enumerate(rows) if i in seeded]
+        free = [j for j, i in enumerate(rows) if i not in seeded]
+        batch = len(free)  # the requests the adaptive policy plans
         probe = self.adaptive and self._pause.probing and batch > self.PROBE_ROWS
         if probe:
             # After a pause, draft for a few requests only: their confidences stand for the batch's, and a
             # probe of the whole batch would cost more than a target step under load.
-            keep = probe_rows([self.store.deferred_rows(self._batch_req_ids[i]) for i in rows], self._round,
+            keep = probe_rows([self.store.deferred_rows(self._batch_req_ids[rows[j]]) for j in free], self._round,
                               self.PROBE_ROWS)
-            rows, anchors, temps = ([x[j] for j in keep] for x in (rows, anchors, temps))
-        looked = {} if probe else self._lookup(rows, temps, num_tokens_no_spec, token_ids_cpu)
+            free = [free[x] for x in keep]
+        looked = {} if probe else {free[x]: d for x, d in self._lookup(
+            [rows[j] for j in free], [temps[j] for j in free], num_tokens_no_spec, token_ids_cpu).items()}
         # The drafter serves the rows prompt lookup did not; their deferred rows (several steps' worth when the
         # adaptive policy paused drafting) are projected here, outside the drafter's timing.
-        drafted = [j for j in range(len(rows)) if j not in looked]
+        drafted_free = [j for j in free if j not in looked]
+        drafted = drafted_free + fixed
+        width = full if fixed else k
         req_ids = [self._batch_req_ids[rows[j]] for j in drafted]
         t_flush = time.perf_counter()
         self.store.flush(req_ids)
@@ -489,41 +431,46 @@ class DSparkProposer:
         temperature = torch.tensor([temps[j] for j in drafted], dtype=torch.float32, device=device)
         want_q = self.settings.probabilistic and bool((temperature > 0).any())
         self._round += 1
-        seed = torch.tensor([(zlib.crc32(r.encode()) * 1_000_003 + self._round) & 0x7FFFFFFF for r in req_ids],
-                            dtype=torch.int64, device=device)
+        seed = torch.tensor([seed_key(seeded[rows[j]], int(num_tokens_no_spec[rows[j]])) if rows[j] in seeded
+                             else (zlib.crc32(r.encode()) * 1_000_003 + self._round) & 0x7FFFFFFF
+                             for j, r in zip(drafted, req_ids)], dtype=torch.int64, device=device)
         block, tokens, conf = None, [], None
+        nf, n_looked = len(drafted_free), len(looked)
+        order = drafted_free + list(looked) + fixed  # the drafter's free rows, prompt lookup's, the seeded ones
         try:
             if drafted:
                 block = draft_block(self.drafter, self.store.gather(req_ids),
                                     torch.tensor([anchors[j] for j in drafted], dtype=torch.int64, device=device),
-                                    k, temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
+                                    width, temperature=temperature, seed=seed, topk=self.settings.topk,
+                                    return_q=want_q)
                 tokens = block.tokens.tolist()
                 conf = block.confidence.tolist() if block.confidence is not None else None
-            order = drafted + list(looked)  # plan rows: the drafter's, then prompt lookup's
-            tokens = tokens + list(looked.values())
-            logit = None if block is None else block.confidence_logit
-            if self.adaptive and (logit is not None or (looked and not drafted)):
-                lengths = self._plan(logit, [int(num_tokens_no_spec[rows[j]]) for j in order], k,
+            tokens = [t[:k] for t in tokens[:nf]] + list(looked.values()) + tokens[nf:]
+            logit = block.confidence_logit if block is not None and nf else None
+            logit = None if logit is None else logit[:nf, :k]  # the free rows' (a drafter may have no head)
+            if self.adaptive and (logit is not None or (looked and not drafted_free)):
+                lengths = self._plan(logit, [int(num_tokens_no_spec[rows[j]]) for j in order[:nf + n_looked]], k,
                                      time.perf_counter() - t0, batch, lookup=[len(d) for d in looked.values()])
-                tokens = [t[:n] for t, n in zip(tokens, lengths)]
+                tokens = [t[:n] for t, n in zip(tokens, lengths)] + tokens[len(lengths):]
         except Exception:  # noqa: BLE001 - a drafter fault must never take the engine down
             self._fault("drafting")
             return out
         for pos, j in enumerate(order):
             i, req_id = rows[j], self._batch_req_ids[rows[j]]
             out[i] = tokens[pos]
-            if pos < len(drafted):
+            from_lookup = nf <= pos < nf + n_looked
+            if not from_lookup:
                 if conf is not None:
-                    self._confidence[req_id] = conf[pos]
+                    self._confidence[req_id] = conf[pos if pos < nf else pos - n_looked]
             elif tokens[pos]:
                 self._looked_up.add(req_id)
             if self.settings.record:
                 self.records.append({"req_id": req_id, "position": int(num_tokens_no_spec[i]) - 1,
                                      "anchor": anchors[j], "drafts": tokens[pos],
-                                     "source": "drafter" if pos < len(drafted) else "lookup"})
+                                     "source": "lookup" if from_lookup else "drafter"})
             n = len(tokens[pos])
             self.stats.length_hist[n] = self.stats.length_hist.get(n, 0) + 1
-        self.stats.drafted_requests += len(rows)
+        self.stats.drafted_requests += len(order)
         if want_q:
             self._last_probs = (self._dense_q(block, len(req_ids)), req_ids)
         self.stats.draft_seconds += time.perf_counter() - t0

@@ -28,7 +28,15 @@ vllm-dspark serve MODEL [--drafter DIR [-k K]] [vLLM serve options]
 
 DSpark options (all other options go to `vllm serve` unchanged; its help follows):
   --drafter DIR                   serve with speculative decoding by the DSpark drafter in DIR
-  -k, --num-speculative-tokens K  tokens drafted per step (default {DEFAULT_NUM_SPECULATIVE_TOKENS})
+  -k, --num-speculative-tokens K  tokens drafted per step, at most the drafter's block (default: {DEFAULT_NUM_SPECULATIVE_TOKENS})
+
+Checked before vLLM starts (exit 2 with one line): the drafter, K, the settings below, and the JSON of
+--speculative-config / --additional-config. On CPU the KV cache defaults to a quarter of the memory available
+at start, at most 4 GiB (vLLM's own default reserves 92% of the total memory); --kv-cache-memory-bytes,
+--gpu-memory-utilization or VLLM_CPU_KVCACHE_SPACE choose it instead.
+
+DSpark settings, as --additional-config '{{"dspark": {{"KEY": VALUE, ...}}}}' (KEY = default):
+{{settings}}
 """
 
 
@@ -127,13 +135,71 @@ def _parse_k(value: str | int) -> int:
 
 
 def _parse_additional(value: str) -> dict:
+    return _json_object(_ADDITIONAL_FLAG, value)
+
+
+def _json_object(flag: str, value: str) -> dict:
+    """A flag's JSON object; a syntax error names the column and shows the text around it."""
     try:
-        extra = json.loads(value)
+        obj = json.loads(value)
     except json.JSONDecodeError as e:
-        raise ServeArgsError(f"--additional-config is not valid JSON ({e}): {value!r}") from None
-    if not isinstance(extra, dict):
-        raise ServeArgsError(f"--additional-config must be a JSON object, got {value!r}")
-    return extra
+        near = value[max(0, e.pos - 25):e.pos] + " <here> " + value[e.pos:e.pos + 25]
+        raise ServeArgsError(f"{flag} is not valid JSON: {e.msg} at column {e.colno}: {near.strip()!r}") from None
+    if not isinstance(obj, dict):
+        raise ServeArgsError(f"{flag} must be a JSON object, got {value!r}")
+    return obj
+
+
+def _flag_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    """The value of the last of ``names`` in ``args`` (``--flag value`` or ``--flag=value``)."""
+    found = None
+    for i, arg in enumerate(args):
+        name = _flag_name(arg)
+        if name in names:
+            if "=" in arg:
+                found = arg.split("=", 1)[1]
+            elif i + 1 < len(args):
+                found = args[i + 1]
+    return found
+
+
+def preflight(args: list[str]) -> None:
+    """Refuse in a second what the engine would refuse after 30-40 s: JSON syntax in ``--speculative-config``
+    and ``--additional-config``, and, when DSpark is selected, its settings, the drafter checkpoint, K, and
+    the drafter against a local target folder (``vllm_dspark.preflight``). Raises ServeArgsError."""
+    from ..config import DSparkConfigError
+    from ..preflight import check_dspark, is_dspark, target_config
+
+    spec_value = _flag_value(args, ("--speculative-config", "-sc"))
+    additional_value = _flag_value(args, (_ADDITIONAL_FLAG,))
+    spec = _json_object("--speculative-config", spec_value) if spec_value is not None else None
+    additional = _json_object(_ADDITIONAL_FLAG, additional_value) if additional_value is not None else None
+    if not is_dspark(spec):
+        return
+    model = args[0] if args and not args[0].startswith("-") else _flag_value(args, ("--model",))
+    try:
+        check_dspark(additional, spec.get("num_speculative_tokens"), target_config(model) if model else None)
+    except DSparkConfigError as e:
+        raise ServeArgsError(str(e)) from None
+
+
+_MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+
+
+def with_kv_cache_size(args: list[str], available: int | None = None) -> list[str]:
+    """On CPU, add ``--kv-cache-memory-bytes`` (``vllm_dspark.memory``: a quarter of the available memory, at
+    most 4 GiB) unless the user sized the cache: vLLM's default reserves 92% of the node's total memory and
+    refuses to start where other processes use more than 8% of it."""
+    import os
+
+    from .. import memory
+
+    if any(_flag_name(a) in _MEMORY_FLAGS for a in args) or os.environ.get(memory.USER_ENV) or not memory.on_cpu():
+        return args
+    n = memory.kv_cache_bytes(available)
+    print(f"vllm-dspark serve: {memory.describe(n, available)}; choose with --kv-cache-memory-bytes",
+          file=sys.stderr)
+    return args + ["--kv-cache-memory-bytes", str(n)]
 
 
 def install_version_shim() -> bool:
@@ -173,16 +239,23 @@ def install_version_shim() -> bool:
 
 def main(argv: list[str]) -> int:
     """`vllm-dspark serve`: expand our flags, then run ``vllm serve`` in this process."""
-    if any(a in ("-h", "--help") or a.startswith("--help=") for a in argv):
-        print(OUR_HELP)
+    asks_help = any(a in ("-h", "--help") or a.startswith("--help=") for a in argv)
+    if asks_help:
+        from ..settings import settings_help
+
+        print(OUR_HELP.replace("{settings}", settings_help()))
     try:
         args = expand_args(argv)
+        if not asks_help:
+            preflight(args)
     except ServeArgsError as e:
         print(f"vllm-dspark serve: error: {e}", file=sys.stderr)
         return 2
     # Only this process needs the shim: vLLM's children look the version up solely for platform detection,
     # which has its own vllm-cpu fallback (checked with vLLM 0.32's engine-core and worker processes).
     install_version_shim()
+    if not asks_help:
+        args = with_kv_cache_size(args)
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", "serve", *args]

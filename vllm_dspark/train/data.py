@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..assets import load_mtbench, sharegpt_dialogues
+from ..cli import HelpFormatter
 
 
 def token_ids(rendered: Any) -> list[int]:
@@ -168,7 +169,7 @@ class _Feed:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="vllm-dspark gen-data", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder")
     ap.add_argument("--prompts", default="sharegpt", help="sharegpt | mtbench | FILE")
     ap.add_argument("--out", required=True, help="output JSONL (appended to; existing ids are skipped)")

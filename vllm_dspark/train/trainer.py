@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cli import HelpFormatter
 from ..checkpoint import load_drafter, new_drafter, save_drafter, select_draft_vocab, set_lm_head, target_embeddings
 from ..config import DSparkConfig
 from ..model.drafter import DSparkDrafter
@@ -370,7 +371,7 @@ def _progress(args, start: int, rank: int, n_examples: int, dropped: int, drafte
 def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     ap = argparse.ArgumentParser(prog="vllm-dspark train", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--target", required=True, help="target HF folder (frozen; its tokenizer and chat template)")
     ap.add_argument("--data", required=True,
                     help="JSONL from `vllm-dspark gen-data` (answers by the target); several: comma-separated")

@@ -1,0 +1,136 @@
+"""``additional_config["dspark"]``: the plugin's own settings, parsed and validated without torch or vLLM.
+
+Kept apart from the proposer so that `vllm-dspark serve` and the offline preflight can refuse a bad setting
+in a fraction of a second, before vLLM starts an engine.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .config import DSparkConfigError
+
+
+@dataclass
+class DSparkSettings:
+    """``additional_config["dspark"]``: the plugin's own settings (vLLM rejects extra speculative keys)."""
+
+    drafter: str = ""
+    # Bias only the top-k base candidates in the Markov head (0 = dense). On CPU the dense head would cost
+    # ~40% of the drafter's LM head (r/H); top-k makes it negligible. q is then the truncated distribution.
+    topk: int = 32
+    # Hand q to vLLM's rejection sampler for requests with temperature > 0 (speculative sampling).
+    probabilistic: bool = True
+    # Drafter compute dtype: "auto" = float32 on CPU (no bf16 units on AVX2), the target's dtype on GPU.
+    dtype: str = "auto"
+    # The drafter's LM head: "auto" = a bfloat16 copy on CPU (memory-bound there: 1.0 ms instead of 4.8 ms for
+    # SmolLM2's 8192-row draft head with cold caches; see DSparkDrafter.set_head_dtype), the drafter's own
+    # elsewhere; "same" = the drafter's dtype; or "float32" | "bfloat16" | "float16".
+    head_dtype: str = "auto"
+    # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on; blocks
+    # completed while drafting was paused are kept unprojected, ~4x larger, until a request takes them).
+    prefix_cache_mb: int = 256
+    # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
+    # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
+    mode: str = "adaptive"
+    # Adaptive mode: steps to skip drafting after drafting was found not worth its cost; under load (batches
+    # above 4 requests, or a batch size whose drafting steps measured slower than plain ones) doubled after each
+    # further such verdict, up to probe_interval_max, and back to probe_interval when drafting pays again or the
+    # batch halves. See scheduling.DraftPause.
+    probe_interval: int = 32
+    probe_interval_max: int = 1024
+    # Prompt lookup (vllm_dspark.lookup): a greedy request whose text has an earlier occurrence of its last
+    # lookup_min..lookup_max tokens drafts the tokens that followed it instead of running the drafter (vLLM's
+    # ngram rule). Its survival for the load-aware policy is the lookup drafts' measured acceptance. Off by
+    # default: it measures the text's repetitiveness, not the drafter (eval and calibrate keep it off).
+    lookup: bool = False
+    lookup_min: int = 2
+    lookup_max: int = 4
+    # ... only in batches of at most this many requests: under load its drafts cost more than they save on CPU
+    # (bench, SmolLM2: c=1 1.43x; with lookup at every batch size c=16 0.95x and c=32 0.97x vs 1.01 and 1.00).
+    lookup_max_batch: int = 2
+    # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
+    # debugging only (grows without bound).
+    record: bool = False
+
+    @classmethod
+    def from_additional_config(cls, additional: Any) -> "DSparkSettings":
+        raw = (additional or {}).get("dspark") if isinstance(additional, dict) else None
+        if not isinstance(raw, dict):
+            raise DSparkConfigError('additional_config["dspark"]: missing; expected {"drafter": "<drafter dir>", ...} '
+                                    "(e.g. --additional-config '{\"dspark\": {\"drafter\": \"DIR\"}}')")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            hints = [f"{k!r} (did you mean {nearest!r}?)" if (nearest := nearest_key(k, known)) else repr(k)
+                     for k in unknown]
+            raise DSparkConfigError(f'additional_config["dspark"]: unknown key(s) {", ".join(hints)}; '
+                                    f'expected only {sorted(known)}')
+        s = cls(**raw)
+        if not isinstance(s.drafter, str) or not s.drafter:
+            raise DSparkConfigError(f'additional_config["dspark"]["drafter"]={s.drafter!r}: expected a drafter directory')
+        if not isinstance(s.topk, int) or s.topk < 0:
+            raise DSparkConfigError(f'additional_config["dspark"]["topk"]={s.topk!r}: expected an integer >= 0')
+        for name in ("probe_interval", "probe_interval_max"):
+            value = getattr(s, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
+        if not isinstance(s.lookup, bool):
+            raise DSparkConfigError(f'additional_config["dspark"]["lookup"]={s.lookup!r}: expected true or false')
+        for name in ("lookup_min", "lookup_max", "lookup_max_batch"):
+            value = getattr(s, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
+        if s.lookup_max < s.lookup_min:
+            raise DSparkConfigError(f'additional_config["dspark"]["lookup_max"]={s.lookup_max!r}: '
+                                    f'expected >= lookup_min ({s.lookup_min})')
+        if s.probe_interval_max < s.probe_interval:
+            raise DSparkConfigError(f'additional_config["dspark"]["probe_interval_max"]={s.probe_interval_max!r}: '
+                                    f'expected >= probe_interval ({s.probe_interval})')
+        if s.mode not in ("adaptive", "fixed"):
+            raise DSparkConfigError(f'additional_config["dspark"]["mode"]={s.mode!r}: expected adaptive|fixed')
+        if s.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise DSparkConfigError(f'additional_config["dspark"]["dtype"]={s.dtype!r}: expected auto|float32|bfloat16|float16')
+        if s.head_dtype not in ("auto", "same", "float32", "bfloat16", "float16"):
+            raise DSparkConfigError(f'additional_config["dspark"]["head_dtype"]={s.head_dtype!r}: '
+                                    'expected auto|same|float32|bfloat16|float16')
+        return s
+
+
+# One line per setting, for `vllm-dspark serve --help` (the README's table says more).
+HELP: dict[str, str] = {
+    "drafter": "drafter checkpoint directory (required; set by --drafter)",
+    "mode": "adaptive = block lengths from confidence x measured cost, pauses when drafting does not pay; "
+            "fixed = always K",
+    "probe_interval": "adaptive: steps without drafting before trying again (doubled under load)",
+    "probe_interval_max": "adaptive: the longest pause, in steps",
+    "topk": "Markov bias over the top-k base candidates only (0 = dense)",
+    "probabilistic": "at temperature > 0, sample drafts and hand q to vLLM's rejection sampler",
+    "dtype": "drafter dtype: auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the target's on GPU)",
+    "head_dtype": "drafter LM head dtype: auto | same | float32 | bfloat16 | float16 (auto: bfloat16 on CPU)",
+    "prefix_cache_mb": "memory for drafter context kept per prefix-cache block",
+    "lookup": "prompt lookup for greedy requests whose text repeats, in small batches",
+    "lookup_min": "prompt lookup: shortest n-gram matched",
+    "lookup_max": "prompt lookup: longest n-gram matched",
+    "lookup_max_batch": "prompt lookup only in batches of at most this many requests",
+    "record": "keep every proposal and round in memory (tests, eval; grows without bound)",
+}
+
+
+def settings_help(indent: str = "  ") -> str:
+    """The settings with their defaults and HELP lines, one per line."""
+    rows = [(f.name, "(required)" if f.name == "drafter" else json.dumps(f.default)) for f in fields(DSparkSettings)]
+    width = max(len(f"{n} = {d}") for n, d in rows)
+    return "\n".join(f"{indent}{f'{n} = {d}':<{width}}  {HELP.get(n, '')}" for n, d in rows)
+
+
+def nearest_key(key: str, known: set[str]) -> str | None:
+    """The known key a typo most likely meant (case and separators ignored first, then spelling)."""
+    norm = {k.lower().replace("-", "_"): k for k in known}
+    folded = str(key).lower().replace("-", "_")
+    if folded in norm:
+        return norm[folded]
+    close = difflib.get_close_matches(folded, list(norm), n=1, cutoff=0.6)
+    return norm[close[0]] if close else None
