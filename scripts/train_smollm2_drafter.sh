@@ -64,13 +64,15 @@ PY
   campaign)
     GEN="$RUNS/data/sharegpt_smollm2_mt.jsonl"; HUMAN="$RUNS/data/sharegpt_original.jsonl"
     HELD="$RUNS/data/heldout.jsonl"; STEPS=${STEPS:-4000}; CORES=${CORES:-1}
+    # The target-written corpus listed GEN_REPEAT times: its share of the batches while it is still small.
+    DATA=$(for _ in $(seq "${GEN_REPEAT:-3}"); do printf '%s,' "$GEN"; done)$HUMAN
     [ -s "$HUMAN" ] || $PY/vllm-dspark gen-data --target "$TARGET" --prompts sharegpt --original-answers --out "$HUMAN"
     if [ ! -s "$HELD" ]; then
       [ "$(wc -l < "$GEN" 2>/dev/null || echo 0)" -ge 64 ] || {
         echo "campaign: $GEN has fewer than 64 conversations; run scripts/gen_smollm2_data.sh first" >&2; exit 2; }
       head -64 "$GEN" > "$HELD"
     fi
-    COMMON=(--target "$TARGET" --data "$GEN,$HUMAN" --heldout "$HELD" --eval-every 25 --layers 2 --block-size 7
+    COMMON=(--target "$TARGET" --data "$DATA" --heldout "$HELD" --eval-every 25 --layers 2 --block-size 7
             --draft-vocab 16384 --steps "$STEPS" --batch-size 4 --micro-batch-size 2 --anchors-per-seq 0
             --max-len 512 --lr 6e-4 --min-lr-frac 0.1 --ce-labels target --save-every 10 --threads 1
             --save-dtype bfloat16)
