@@ -53,6 +53,10 @@ class DSparkSettings:
     # SmolLM2's 8192-row draft head with cold caches; see DSparkDrafter.set_head_dtype), the drafter's own
     # elsewhere; "same" = the drafter's dtype; or "float32" | "bfloat16" | "float16".
     head_dtype: str = "auto"
+    # Run the drafter's full trained block every round and keep the first k drafts (DeepSpec, paper Alg. 1),
+    # instead of a block of k slots: attention inside a block is non-causal, so a short block is a shape the
+    # drafter never saw in training and drafts other tokens (benchmarks/README.md: full vs short pass).
+    full_block: bool = True
     # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on; blocks
     # completed while drafting was paused are kept unprojected, ~4x larger, until a request takes them).
     prefix_cache_mb: int = 256
@@ -98,8 +102,10 @@ class DSparkSettings:
             value = getattr(s, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
-        if not isinstance(s.lookup, bool):
-            raise DSparkConfigError(f'additional_config["dspark"]["lookup"]={s.lookup!r}: expected true or false')
+        for name in ("lookup", "full_block", "probabilistic", "record"):
+            if not isinstance(getattr(s, name), bool):
+                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={getattr(s, name)!r}: '
+                                        'expected true or false')
         for name in ("lookup_min", "lookup_max", "lookup_max_batch"):
             value = getattr(s, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -496,7 +502,8 @@ class DSparkProposer:
             if drafted:
                 block = draft_block(self.drafter, self.store.gather(req_ids),
                                     torch.tensor([anchors[j] for j in drafted], dtype=torch.int64, device=device),
-                                    k, temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q)
+                                    k, temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q,
+                                    block_drafts=self.cfg.max_draft_tokens if self.settings.full_block else None)
                 tokens = block.tokens.tolist()
                 conf = block.confidence.tolist() if block.confidence is not None else None
             order = drafted + list(looked)  # plan rows: the drafter's, then prompt lookup's
