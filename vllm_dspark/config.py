@@ -216,7 +216,7 @@ class DSparkConfig:
         if missing:
             raise _bad(missing[0], None, "an integer in the drafter's config.json")
         if "target_layer_ids" not in kwargs:
-            raise _bad("target_layer_ids", None, "a non-empty list of target layer ids (0-based)")
+            raise _bad("target_layer_ids", None, "a non-empty list of target layer ids (0-based, -1 = embeddings)")
         kwargs["extra"] = {k: v for k, v in raw.items() if k not in consumed}
         cfg = cls(**kwargs)
         cfg.validate()
@@ -275,8 +275,11 @@ class DSparkConfig:
             raise _bad("markov_rank", self.markov_rank, "an integer >= 0 (0 = the Markov-less ablation)")
         if self.markov_head_type not in MARKOV_HEAD_TYPES:
             raise _bad("markov_head_type", self.markov_head_type, f"one of {list(MARKOV_HEAD_TYPES)}")
-        if not self.target_layer_ids or not all(isinstance(i, int) and i >= 0 for i in self.target_layer_ids):
-            raise _bad("target_layer_ids", self.target_layer_ids, "a non-empty list of layer ids >= 0")
+        # -1 is the embedding output (DeepSpec's validate_target_layer_ids; vLLM's aux hidden state 0)
+        if not self.target_layer_ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= -1
+                                                for i in self.target_layer_ids):
+            raise _bad("target_layer_ids", self.target_layer_ids,
+                       "a non-empty list of layer ids >= -1 (-1 = the embedding output)")
         if sorted(set(self.target_layer_ids)) != list(self.target_layer_ids):
             raise _bad("target_layer_ids", self.target_layer_ids, "unique ids in increasing order")
         if self.num_target_layers is not None:
