@@ -340,6 +340,14 @@ def check_main(argv: list[str]) -> int:
         print(f"vllm-dspark check: {e}", file=sys.stderr)
         return 2
     print(summary(model, args.drafter))
+    if args.target:
+        # The drafter rotates as its config says (its trainer's RoPE); a drafter whose RoPE differs from the
+        # target's was trained elsewhere or saved wrongly: worth a look, not an error.
+        t = read_target_config(args.target)
+        theta, params = read_rope(dict(t.get("text_config") or t))
+        target_rope = {**params, "rope_theta": theta}
+        same = target_rope == model.cfg.rope
+        print(f"target rope   {'same' if same else 'DIFFERS: ' + json.dumps(target_rope, sort_keys=True)}")
     print("ok")
     return 0
 

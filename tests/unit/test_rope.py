@@ -185,6 +185,10 @@ def test_check_prints_the_rope_it_will_use(tmp_path, capsys, target_dir):
     out = capsys.readouterr().out
     assert ("rope          llama3, theta 10000, factor 32.0, high_freq_factor 4.0, low_freq_factor 1.0, "
             "original_max_position_embeddings 512") in out
+    assert 'target rope   DIFFERS: {"rope_theta": 1000000.0, "rope_type": "default"}' in out
+    same = write_drafter(tmp_path / "same", _config({"rope_theta": 1e6}), deepspec_weights())
+    assert check_main(["--drafter", str(same), "--target", str(target_dir)]) == 0
+    assert "target rope   same" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ whole drafter, both layouts
