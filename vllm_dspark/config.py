@@ -75,9 +75,11 @@ def read_rope(raw: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
         # A top-level original_max_position_embeddings is ignored, as transformers' Qwen3/Llama configs do
         # (only config classes that declare that field give it priority).
         params.setdefault("original_max_position_embeddings", raw["max_position_embeddings"])
-    if params["rope_type"] == "yarn" and params.get("factor") is None and params.get("original_max_position_embeddings"):
+    original, max_pos = params.get("original_max_position_embeddings"), raw.get("max_position_embeddings")
+    if (params["rope_type"] == "yarn" and params.get("factor") is None
+            and all(isinstance(v, (int, float)) and v > 0 for v in (original, max_pos))):
         # transformers: a yarn dict without factor scales max_position_embeddings / original
-        params["factor"] = raw.get("max_position_embeddings", 0) / params["original_max_position_embeddings"]
+        params["factor"] = max_pos / original
     return theta, params
 
 

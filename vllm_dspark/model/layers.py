@@ -2,7 +2,8 @@
 
 Convention: context rows come from the target's hidden states; they never run through the draft layers.
 Each layer turns them into K/V with its own k_proj/v_proj (+ k_norm, + RoPE at the target position) once,
-when they arrive (:meth:`DraftAttention.context_kv`; cos/sin from :mod:`.rope`); queries then attend to [context K/V ; block K/V].
+when they arrive (:meth:`DraftAttention.context_kv`; cos/sin from :mod:`.rope`); queries then attend to
+[context K/V ; block K/V].
 """
 from __future__ import annotations
 
