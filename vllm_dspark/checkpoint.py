@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from .cli import HelpFormatter
-from .config import DSparkConfig, DSparkConfigError, _bad
+from .config import DSparkConfig, DSparkConfigError, _bad, read_rope
 from .model.drafter import DSparkDrafter
 
 WEIGHTS_FILE = "model.safetensors"
@@ -215,13 +215,14 @@ def config_for_target(target_config: Mapping[str, Any], *, num_layers: int = 2, 
     """A drafter config sized for a HF decoder target (hidden size and vocab follow the target)."""
     t = dict(target_config.get("text_config") or target_config)
     hidden, heads = t["hidden_size"], t["num_attention_heads"]
+    rope_theta, rope_parameters = read_rope(t)  # the target's RoPE, scaling included
     head_dim = t.get("head_dim") or hidden // heads
     cfg = DSparkConfig(
         hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=heads,
         num_key_value_heads=t.get("num_key_value_heads") or heads, head_dim=head_dim,
         intermediate_size=intermediate_size or t.get("intermediate_size") or 4 * hidden,
         vocab_size=t["vocab_size"], rms_norm_eps=t.get("rms_norm_eps", 1e-6),
-        rope_theta=float(t.get("rope_theta") or (t.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
+        rope_theta=rope_theta, rope_parameters=rope_parameters,
         max_position_embeddings=t.get("max_position_embeddings", 32768), block_size=block_size,
         mask_token_id=mask_token_id if mask_token_id is not None else _pick_mask_token(t),
         target_layer_ids=default_layer_ids(t["num_hidden_layers"], num_target_layer_ids),
@@ -315,6 +316,7 @@ def summary(model: DSparkDrafter, directory: str | Path) -> str:
         f"{cfg.num_key_value_heads} kv, head_dim {cfg.head_dim}, mlp {cfg.intermediate_size})",
         f"target layers {cfg.target_layer_ids} (aux ids {cfg.aux_layer_ids}), target hidden {cfg.ctx_hidden_size}",
         f"vocab         {cfg.vocab_size} (draft {cfg.draft_vocab}), mask token {cfg.mask_token_id}",
+        f"rope          {cfg.describe_rope()} (max positions {cfg.max_position_embeddings})",
         f"block         {cfg.block_size} -> up to {cfg.max_draft_tokens} drafts per round "
         f"(sample_from_anchor={cfg.sample_from_anchor})",
         "markov head   " + (f"{cfg.markov_head_type}, rank {cfg.markov_rank}" if cfg.has_markov else "none (ablation)"),
@@ -341,6 +343,14 @@ def check_main(argv: list[str]) -> int:
         print(f"vllm-dspark check: {e}", file=sys.stderr)
         return 2
     print(summary(model, args.drafter))
+    if args.target:
+        # The drafter rotates as its config says (its trainer's RoPE); a drafter whose RoPE differs from the
+        # target's was trained elsewhere or saved wrongly: worth a look, not an error.
+        t = read_target_config(args.target)
+        theta, params = read_rope(dict(t.get("text_config") or t))
+        target_rope = {**params, "rope_theta": theta}
+        same = target_rope == model.cfg.rope
+        print(f"target rope   {'same' if same else 'DIFFERS: ' + json.dumps(target_rope, sort_keys=True)}")
     print("ok")
     return 0
 

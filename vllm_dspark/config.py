@@ -10,6 +10,11 @@ Formats read:
   (= target_layer_ids + 1, vLLM's aux-hidden-state indexing where 0 is the embedding output).
 Written: always the DeepSpec format (``to_dict``), so vLLM's in-tree loader reads what we save.
 
+RoPE is read as transformers reads it (``RotaryEmbeddingConfigMixin``): ``rope_scaling`` (older configs) or
+``rope_parameters`` (transformers 5.x), their ``rope_theta`` over a top-level one, ``type`` as an alias of
+``rope_type``, ``original_max_position_embeddings`` defaulting to ``max_position_embeddings`` for the scaled
+types; transformers' default theta 1e4 when none is given. Types other than :data:`SUPPORTED_ROPE_TYPES` are refused.
+
 Every validation error is a :class:`DSparkConfigError` naming the field, the value and what was expected.
 """
 from __future__ import annotations
@@ -25,6 +30,17 @@ ARCHITECTURE = "Qwen3DSparkModel"
 KNOWN_ARCHITECTURES = ("Qwen3DSparkModel", "Qwen3OmniDSparkModel")
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 SUPPORTED_MARKOV_HEAD_TYPES = ("vanilla",)
+# RoPE types the draft layers implement (model/rope.py, vLLM's get_rope math), with the keys each requires.
+SUPPORTED_ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+DEFAULT_ROPE_THETA = 10_000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta (and vLLM's get_rope)
+# Keys that change the rotation in ways the draft layers do not implement: refused, never ignored.
+_ROPE_UNSUPPORTED_KEYS = ("mrope_section", "mrope_interleaved", "use_fope", "rope_dim", "alpha")
 
 
 class DSparkConfigError(ValueError):
@@ -33,6 +49,38 @@ class DSparkConfigError(ValueError):
 
 def _bad(field_name: str, value: Any, expected: str) -> DSparkConfigError:
     return DSparkConfigError(f"{field_name}={value!r}: expected {expected}")
+
+
+_ROPE_ORIGINAL_MAX_TYPES = ("llama3", "yarn", "longrope")
+
+
+def read_rope(raw: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rope_theta, rope_parameters without rope_theta) from a HF-style config dict, the way transformers 5.x's
+    ``convert_rope_params_to_dict`` / ``standardize_rope_params`` read it. Type and keys are validated later."""
+    params = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    name = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    if not isinstance(params, Mapping):
+        raise _bad(name, params, "a dict such as {\"rope_type\": \"default\", \"rope_theta\": 1000000.0}")
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise _bad(name, dict(params), "one RoPE dict for every layer (per-layer-type RoPE is not supported)")
+    params = dict(params)
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = raw.get("rope_theta", DEFAULT_ROPE_THETA)
+    if isinstance(theta, int) and not isinstance(theta, bool):
+        theta = float(theta)
+    kind = params.pop("type", None)
+    params["rope_type"] = params.get("rope_type", kind or "default")
+    if params["rope_type"] in _ROPE_ORIGINAL_MAX_TYPES and raw.get("max_position_embeddings") is not None:
+        # A top-level original_max_position_embeddings is ignored, as transformers' Qwen3/Llama configs do
+        # (only config classes that declare that field give it priority).
+        params.setdefault("original_max_position_embeddings", raw["max_position_embeddings"])
+    original, max_pos = params.get("original_max_position_embeddings"), raw.get("max_position_embeddings")
+    if (params["rope_type"] == "yarn" and params.get("factor") is None
+            and all(isinstance(v, (int, float)) and v > 0 for v in (original, max_pos))):
+        # transformers: a yarn dict without factor scales max_position_embeddings / original
+        params["factor"] = max_pos / original
+    return theta, params
 
 
 @dataclass
@@ -46,7 +94,9 @@ class DSparkConfig:
     intermediate_size: int
     vocab_size: int
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
+    rope_theta: float = DEFAULT_ROPE_THETA
+    # rope_type and that type's keys (factor, ...), without rope_theta; see the ``rope`` property.
+    rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     max_position_embeddings: int = 32768
     # DSpark.
     block_size: int = 7
@@ -82,6 +132,16 @@ class DSparkConfig:
     def max_draft_tokens(self) -> int:
         """Most speculative tokens one block can propose (the trained block)."""
         return self.block_size if self.sample_from_anchor else self.block_size - 1
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        """The whole RoPE dict, transformers 5.x's ``rope_parameters``: rope_type, rope_theta, the type's keys."""
+        return {**self.rope_parameters, "rope_theta": self.rope_theta}
+
+    def describe_rope(self) -> str:
+        rope = self.rope
+        keys = ", ".join(f"{k} {rope[k]}" for k in sorted(rope) if k not in ("rope_type", "rope_theta"))
+        return f"{rope['rope_type']}, theta {rope['rope_theta']:g}" + (f", {keys}" if keys else "")
 
     @property
     def aux_layer_ids(self) -> list[int]:
@@ -130,11 +190,13 @@ class DSparkConfig:
 
         consumed = {
             "architectures", "dflash_config", "eagle_config", "dspark_target_layer_ids",
-            "dspark_noise_token_id", "dspark_block_size", "model_type",
+            "dspark_noise_token_id", "dspark_block_size", "model_type", "rope_scaling",
         }
         kwargs: dict[str, Any] = {}
+        kwargs["rope_theta"], kwargs["rope_parameters"] = read_rope(raw)
         for f in dataclasses.fields(cls):
-            if f.name == "extra":
+            if f.name in ("extra", "rope_theta", "rope_parameters"):
+                consumed.add(f.name)
                 continue
             # Top-level keys in vLLM 0.32's order: dspark_target_layer_ids wins over target_layer_ids
             # (eagle3_utils.get_eagle3_aux_layers_from_config), the other aliases are fallbacks.
@@ -156,7 +218,7 @@ class DSparkConfig:
         if missing:
             raise _bad(missing[0], None, "an integer in the drafter's config.json")
         if "target_layer_ids" not in kwargs:
-            raise _bad("target_layer_ids", None, "a non-empty list of target layer ids (0-based)")
+            raise _bad("target_layer_ids", None, "a non-empty list of target layer ids (0-based, -1 = embeddings)")
         kwargs["extra"] = {k: v for k, v in raw.items() if k not in consumed}
         cfg = cls(**kwargs)
         cfg.validate()
@@ -193,6 +255,7 @@ class DSparkConfig:
             if f.name != "extra":
                 out[f.name] = getattr(self, f.name)
         out["num_target_layers"] = self.num_target_layers
+        out["rope_parameters"] = self.rope  # transformers 5.x layout; rope_theta stays top-level for older readers
         out.update(hidden_act="silu", attention_bias=False, tie_word_embeddings=False)
         return out
 
@@ -214,8 +277,11 @@ class DSparkConfig:
             raise _bad("markov_rank", self.markov_rank, "an integer >= 0 (0 = the Markov-less ablation)")
         if self.markov_head_type not in MARKOV_HEAD_TYPES:
             raise _bad("markov_head_type", self.markov_head_type, f"one of {list(MARKOV_HEAD_TYPES)}")
-        if not self.target_layer_ids or not all(isinstance(i, int) and i >= 0 for i in self.target_layer_ids):
-            raise _bad("target_layer_ids", self.target_layer_ids, "a non-empty list of layer ids >= 0")
+        # -1 is the embedding output (DeepSpec's validate_target_layer_ids; vLLM's aux hidden state 0)
+        if not self.target_layer_ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= -1
+                                                for i in self.target_layer_ids):
+            raise _bad("target_layer_ids", self.target_layer_ids,
+                       "a non-empty list of layer ids >= -1 (-1 = the embedding output)")
         if sorted(set(self.target_layer_ids)) != list(self.target_layer_ids):
             raise _bad("target_layer_ids", self.target_layer_ids, "unique ids in increasing order")
         if self.num_target_layers is not None:
@@ -230,6 +296,30 @@ class DSparkConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise _bad(name, value, "a finite positive number")
+        self._validate_rope()
+
+    def _validate_rope(self) -> None:
+        rope = self.rope
+        kind = rope.get("rope_type")
+        if kind not in SUPPORTED_ROPE_TYPES:
+            raise _bad("rope_parameters.rope_type", kind,
+                       f"one of {list(SUPPORTED_ROPE_TYPES)} (the RoPE types vllm-dspark's draft layers implement)")
+        for key in SUPPORTED_ROPE_TYPES[kind]:
+            value = rope.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise _bad(f"rope_parameters.{key}", value, f"a finite positive number (required by rope_type "
+                           f"{kind!r})")
+        if kind == "llama3" and rope["low_freq_factor"] > rope["high_freq_factor"]:
+            raise _bad("rope_parameters.low_freq_factor", rope["low_freq_factor"],
+                       f"<= high_freq_factor={rope['high_freq_factor']}")
+        for key in _ROPE_UNSUPPORTED_KEYS:
+            if rope.get(key) not in (None, False):
+                raise _bad(f"rope_parameters.{key}", rope[key], f"absent: vllm-dspark implements rope_type {kind!r} "
+                           "without it")
+        partial = rope.get("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise _bad("rope_parameters.partial_rotary_factor", partial,
+                       "1.0 (absent): the draft layers rotate the whole head dim")
 
     def _check_layer_range(self, num_layers: int, source: str) -> None:
         for i in self.target_layer_ids:

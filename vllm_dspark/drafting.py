@@ -41,16 +41,21 @@ def draft_block(
     seed: torch.Tensor | None = None,  # [B] int64 per-request seeds for the Gumbel-max draw
     topk: int = 0,  # 0 = dense Markov head; k > 0 = bias only the top-k base candidates
     return_q: bool = False,
+    block_drafts: int | None = None,  # draft slots the backbone runs (default num_drafts); first num_drafts kept
 ) -> DraftBlock:
+    """``block_drafts`` > ``num_drafts``: the backbone runs the longer block and its first ``num_drafts``
+    rows are kept. Attention inside a block is non-causal, so a shorter block changes every row's output:
+    running the trained block and cutting it drafts what the drafter was trained to draft."""
     cfg = drafter.cfg
     bsz = anchor.shape[0]
     device = anchor.device
-    query_ids = drafter.query_ids(anchor, num_drafts)  # [B, Q]
+    query_ids = drafter.query_ids(anchor, max(num_drafts, block_drafts or 0))  # [B, Q]
     q_len = query_ids.shape[1]
     lengths = ctx.lengths.to(device)
     query_pos = lengths[:, None] + torch.arange(q_len, device=device)[None, :]  # [B, Q]
     mask = block_attention_mask(lengths, ctx.k.shape[1], q_len)
-    h = drafter.prediction_rows(drafter.block_hidden(query_ids, query_pos, ctx.k, ctx.v, mask))  # [B, g, H]
+    h = drafter.prediction_rows(drafter.block_hidden(query_ids, query_pos, ctx.k, ctx.v, mask))
+    h = h[:, :num_drafts]  # [B, g, H]; the Markov head and LM head only see the rows kept
     base = drafter.base_logits(h)  # [B, g, Vd]
 
     if temperature is None:

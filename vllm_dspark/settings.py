@@ -29,6 +29,10 @@ class DSparkSettings:
     # SmolLM2's 8192-row draft head with cold caches; see DSparkDrafter.set_head_dtype), the drafter's own
     # elsewhere; "same" = the drafter's dtype; or "float32" | "bfloat16" | "float16".
     head_dtype: str = "auto"
+    # Run the drafter's full trained block every round and keep the first k drafts (DeepSpec, paper Alg. 1),
+    # instead of a block of k slots: attention inside a block is non-causal, so a short block is a shape the
+    # drafter never saw in training and drafts other tokens (benchmarks/README.md: full vs short pass).
+    full_block: bool = True
     # Memory for drafter context rows kept per prefix block (used when vLLM's prefix caching is on; blocks
     # completed while drafting was paused are kept unprojected, ~4x larger, until a request takes them).
     prefix_cache_mb: int = 256
@@ -77,8 +81,10 @@ class DSparkSettings:
             value = getattr(s, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
-        if not isinstance(s.lookup, bool):
-            raise DSparkConfigError(f'additional_config["dspark"]["lookup"]={s.lookup!r}: expected true or false')
+        for name in ("lookup", "full_block", "probabilistic", "record"):
+            if not isinstance(getattr(s, name), bool):
+                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={getattr(s, name)!r}: '
+                                        f'expected true or false')
         for name in ("lookup_min", "lookup_max", "lookup_max_batch"):
             value = getattr(s, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -110,6 +116,7 @@ HELP: dict[str, str] = {
     "probabilistic": "at temperature > 0, sample drafts and hand q to vLLM's rejection sampler",
     "dtype": "drafter dtype: auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the target's on GPU)",
     "head_dtype": "drafter LM head dtype: auto | same | float32 | bfloat16 | float16 (auto: bfloat16 on CPU)",
+    "full_block": "run the drafter's whole trained block and keep the first k drafts (false: a block of k slots)",
     "prefix_cache_mb": "memory for drafter context kept per prefix-cache block",
     "lookup": "prompt lookup for greedy requests whose text repeats, in small batches",
     "lookup_min": "prompt lookup: shortest n-gram matched",

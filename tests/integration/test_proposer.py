@@ -126,7 +126,8 @@ def test_greedy_lossless_and_drafts_match_hf_hidden_states(vllm_env, drafters, a
             hs = hf(torch.tensor([seq[:n]]), output_hidden_states=True).hidden_states
         store = ContextStore(drafter)
         store.append([("r", 0, torch.cat([hs[i + 1][0] for i in drafter.cfg.target_layer_ids], -1))])
-        block = draft_block(drafter, store.gather(["r"]), torch.tensor([rec["anchor"]]), 3, topk=32)
+        block = draft_block(drafter, store.gather(["r"]), torch.tensor([rec["anchor"]]), 3, topk=32,
+                            block_drafts=drafter.cfg.max_draft_tokens)  # full_block (the default)
         mismatches += block.tokens[0].tolist() != rec["drafts"]
     assert mismatches == 0
     _close(llm)

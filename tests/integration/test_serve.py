@@ -80,20 +80,23 @@ def test_bad_arguments_raise_clear_errors(argv, message):
     assert message in str(excinfo.value)
 
 
-def test_vllm_serve_parser_reads_the_expansion_as_intended():
+def test_vllm_serve_parser_reads_the_expansion_as_intended(tmp_path):
     """The expanded flags mean to `vllm serve` what we mean (vLLM 0.32's own parser and EngineArgs)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    args = parser.parse_args(expand_args(["m", "--drafter", "d", "-k", "3", ADD, '{"a": 1}', "--port", "9"]))
+    # A model path that exists: with HF_HUB_OFFLINE=1 EngineArgs resolves any other name in the hub cache.
+    model = str(tmp_path)
+    args = parser.parse_args(expand_args([model, "--drafter", "d", "-k", "3", ADD, '{"a": 1}', "--port", "9"]))
+    args.model = args.model_tag  # what `vllm serve` does with its positional model (entrypoints/cli/serve.py)
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.speculative_config == {
         "method": "custom_class", "model": "vllm_dspark.DSparkProposer", "num_speculative_tokens": 3
     }
     assert engine_args.additional_config == {"a": 1, "dspark": {"drafter": "d"}}
-    assert (args.model_tag, args.port) == ("m", 9)
+    assert (args.model_tag, engine_args.model, args.port) == (model, model, 9)
 
 
 def test_cli_rejects_conflicting_flags_before_starting_vllm():

@@ -392,6 +392,18 @@ def test_each_defect_raises_a_named_error(tmp_path, case):
         load_drafter(drafter, target=target)
 
 
+def test_embedding_output_as_target_layer_minus_one(tmp_path, target_dir):
+    """DeepSpec: "-1 denotes the embedding output"; vLLM's aux hidden state 0; speculators' aux id 0."""
+    d = write_drafter(tmp_path / "emb", deepspec_config(target_layer_ids=[-1, 3, 5]), deepspec_weights())
+    m = load_drafter(d, target_dir)
+    assert m.cfg.target_layer_ids == [-1, 3, 5] and m.cfg.aux_layer_ids == [0, 4, 6]
+    spec = DSparkConfig.from_dict(speculators_config(aux_hidden_state_layer_ids=[0, 4, 6]))
+    assert spec.target_layer_ids == [-1, 3, 5]
+    for bad in ([-2, 3, 5], [3, -1, 5]):
+        with pytest.raises(DSparkConfigError, match=re.escape(f"target_layer_ids={bad}: expected")):
+            DSparkConfig.from_dict(deepspec_config(target_layer_ids=bad))
+
+
 def test_reduced_draft_vocabulary_loads_drafts_target_ids_and_round_trips(tmp_path, target_dir):
     from vllm_dspark.context import ContextStore
     from vllm_dspark.drafting import draft_block

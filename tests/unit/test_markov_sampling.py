@@ -196,3 +196,23 @@ def test_markov_rank_zero_samples_from_the_base_softmax():
     for b, T in enumerate(TEMPS):
         if T > 0:
             torch.testing.assert_close(block.q[b].double(), torch.softmax(U[b].double() / T, -1), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------- full block, then cut
+@pytest.mark.parametrize("sample_from_anchor", [True, False])
+def test_full_block_then_cut_drafts_the_first_g_tokens_of_the_full_block(sample_from_anchor):
+    m, ctx, _, _, K = make_case(sample_from_anchor=sample_from_anchor)
+    seed = torch.tensor([11, 12, 2**40 + 3, 7], dtype=torch.int64)
+    kw = dict(temperature=torch.tensor(TEMPS), seed=seed, topk=4, return_q=True)
+    full = draft_block(m, ctx, torch.tensor(ANCHORS), K, **kw)
+    short_differs = False
+    for g in range(1, K):
+        cut = draft_block(m, ctx, torch.tensor(ANCHORS), g, block_drafts=K, **kw)
+        assert torch.equal(cut.tokens, full.tokens[:, :g])
+        # float32 rounding only: the LM head runs on g rows instead of K
+        torch.testing.assert_close(cut.q_probs, full.q_probs[:, :g], rtol=0, atol=1e-6)
+        torch.testing.assert_close(cut.confidence_logit, full.confidence_logit[:, :g], rtol=0, atol=1e-5)
+        # A block of g slots is another computation (non-causal attention inside the block).
+        short = draft_block(m, ctx, torch.tensor(ANCHORS), g, **kw)
+        short_differs |= not torch.allclose(short.confidence_logit, full.confidence_logit[:, :g])
+    assert short_differs

@@ -204,6 +204,18 @@ def test_target_features_are_the_aux_hidden_states_and_logits(tiny_llama_dir, tm
     torch.testing.assert_close(second.logits[1, :7], out.logits[1, :7], atol=5e-2, rtol=1e-2)
 
 
+def test_layer_minus_one_features_are_the_targets_embedding_output(tiny_llama_dir):
+    model = load_target(tiny_llama_dir)
+    ids = torch.randint(3, 512, (2, 9))
+    out = TargetFeatures(model, [-1, 1])(ids)
+    embed = model.get_input_embeddings()(ids)  # computed here, not through output_hidden_states
+    torch.testing.assert_close(out.features[..., :embed.shape[-1]], embed, rtol=0, atol=0)
+    layer1 = model(input_ids=ids, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(out.features[..., embed.shape[-1]:], layer1)
+    with pytest.raises(ValueError, match=r"expected ids in \[-1, 2\]"):
+        TargetFeatures(model, [-2, 1])
+
+
 # ----------------------------------------------------------------------------- learning
 def test_training_raises_greedy_acceptance_on_held_out_prompts(smooth_target, tiny_llama_dir):
     from transformers import AutoTokenizer

@@ -442,7 +442,8 @@ class DSparkProposer:
                 block = draft_block(self.drafter, self.store.gather(req_ids),
                                     torch.tensor([anchors[j] for j in drafted], dtype=torch.int64, device=device),
                                     width, temperature=temperature, seed=seed, topk=self.settings.topk,
-                                    return_q=want_q)
+                                    return_q=want_q,
+                                    block_drafts=self.cfg.max_draft_tokens if self.settings.full_block else None)
                 tokens = block.tokens.tolist()
                 conf = block.confidence.tolist() if block.confidence is not None else None
             tokens = [t[:k] for t in tokens[:nf]] + list(looked.values()) + tokens[nf:]

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..config import DSparkConfig
 from .heads import ConfidenceHead, MarkovHead
-from .layers import DraftLayer, RMSNorm, rope_cos_sin
+from .layers import DraftLayer, RMSNorm
+from .rope import Rope
 
 
 def block_attention_mask(ctx_lengths: torch.Tensor, ctx_capacity: int, num_queries: int) -> torch.Tensor:
@@ -38,6 +39,7 @@ class DSparkDrafter(nn.Module):
         self.fc = nn.Linear(cfg.ctx_hidden_size * len(cfg.target_layer_ids), h, bias=False)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.rope = Rope(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.draft_vocab, bias=False)
         self.markov_head = MarkovHead(cfg.vocab_size, cfg.draft_vocab, cfg.markov_rank) if cfg.has_markov else None
@@ -71,7 +73,8 @@ class DSparkDrafter(nn.Module):
     def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [N, L*Ht], positions [N] -> k, v [N, Ld, kvh, d] (per draft layer, normed and rotated)."""
         ctx = self.project_context(features)
-        kv = [layer.self_attn.context_kv(ctx, positions) for layer in self.layers]
+        cos, sin = self.rope.cos_sin(positions, ctx.dtype)
+        kv = [layer.self_attn.context_kv(ctx, cos, sin) for layer in self.layers]
         return torch.stack([k for k, _ in kv], dim=1), torch.stack([v for _, v in kv], dim=1)
 
     # ------------------------------------------------------------------ block
@@ -96,7 +99,7 @@ class DSparkDrafter(nn.Module):
         -> h      [B, Q, H] after the final norm
         """
         x = self.embed_tokens(query_ids).to(self.fc.weight.dtype)
-        cos, sin = rope_cos_sin(query_pos, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = self.rope.cos_sin(query_pos, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, ctx_k[:, :, i], ctx_v[:, :, i], mask)
         return self.norm(x)

@@ -2,7 +2,8 @@
 
 Convention: context rows come from the target's hidden states; they never run through the draft layers.
 Each layer turns them into K/V with its own k_proj/v_proj (+ k_norm, + RoPE at the target position) once,
-when they arrive (:meth:`DraftAttention.context_kv`); queries then attend to [context K/V ; block K/V].
+when they arrive (:meth:`DraftAttention.context_kv`; cos/sin from :mod:`.rope`); queries then attend to
+[context K/V ; block K/V].
 """
 from __future__ import annotations
 
@@ -26,15 +27,6 @@ class RMSNorm(nn.Module):
         x = x.to(torch.promote_types(dtype, torch.float32))  # bf16/fp16 normalise in fp32
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin [*positions.shape, head_dim] for neox-style (rotate-half) RoPE."""
-    # float64 angles: exact for long positions; the cast to the model dtype happens once at the end.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
-    freqs = positions.to(torch.float64)[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,7 +73,6 @@ class DraftAttention(nn.Module):
     def __init__(self, cfg: DSparkConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.rope_theta = cfg.rope_theta
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
@@ -96,9 +87,8 @@ class DraftAttention(nn.Module):
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         return apply_rope(self.k_norm(k), cos, sin), v
 
-    def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor):
-        """ctx [N, H] (projected, normed context rows); positions [N] -> k, v [N, kvh, d]."""
-        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, ctx.dtype)
+    def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """ctx [N, H] (projected, normed context rows); cos/sin [N, d] at their positions -> k, v [N, kvh, d]."""
         return self._kv(ctx, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx_k: torch.Tensor,

@@ -1,7 +1,7 @@
 """Target features for training: the frozen target's hidden states at the drafter's layers, plus its logits.
 
 One forward of a HF causal LM gives both. ``hidden_states[i + 1]`` of HF's ``output_hidden_states`` is the output
-of layer ``i`` (index 0 is the embedding output), the same convention as vLLM's aux hidden states
+of layer ``i`` (index 0 is the embedding output, layer id -1), the same convention as vLLM's aux hidden states
 (``aux_layer_ids = target_layer_ids + 1``), so a drafter trained here reads the rows vLLM hands it at serving
 time. The final layer's output never feeds the drafter (HF replaces it with the final-normed state anyway).
 
@@ -59,10 +59,11 @@ class TargetFeatures:
 
     def __init__(self, model, layer_ids: list[int], *, cache_dir: str | Path | None = None):
         num_layers = model.config.get_text_config().num_hidden_layers
-        bad = [i for i in layer_ids if not 0 <= i < num_layers - 1]
+        bad = [i for i in layer_ids if not -1 <= i < num_layers - 1]
         if bad:
-            raise ValueError(f"target_layer_ids={layer_ids}: expected ids in [0, {num_layers - 2}] (the target has "
-                             f"{num_layers} layers; the final layer never feeds the drafter)")
+            raise ValueError(f"target_layer_ids={layer_ids}: expected ids in [-1, {num_layers - 2}] (-1 = the "
+                             f"embedding output; the target has {num_layers} layers and the final layer never "
+                             "feeds the drafter)")
         self.model = model
         self.layer_ids = list(layer_ids)
         self.lm_head = model.get_output_embeddings()
