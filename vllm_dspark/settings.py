@@ -25,9 +25,9 @@ class DSparkSettings:
     probabilistic: bool = True
     # Drafter compute dtype: "auto" = float32 on CPU (no bf16 units on AVX2), the target's dtype on GPU.
     dtype: str = "auto"
-    # The drafter's LM head: "auto" = a bfloat16 copy on CPU (memory-bound there: 1.0 ms instead of 4.8 ms for
-    # SmolLM2's 8192-row draft head with cold caches; see DSparkDrafter.set_head_dtype), the drafter's own
-    # elsewhere; "same" = the drafter's dtype; or "float32" | "bfloat16" | "float16".
+    # The drafter's LM head: "auto" = a bfloat16 copy on CPU (the head is memory-bound there and bfloat16 halves
+    # its bytes; see DSparkDrafter.set_head_dtype), the drafter's own elsewhere; "same" = the drafter's dtype; or
+    # "float32" | "bfloat16" | "float16".
     head_dtype: str = "auto"
     # Run the drafter's full trained block every round and keep the first k drafts (DeepSpec, paper Alg. 1),
     # instead of a block of k slots: attention inside a block is non-causal, so a short block is a shape the
@@ -53,7 +53,7 @@ class DSparkSettings:
     lookup_min: int = 2
     lookup_max: int = 4
     # ... only in batches of at most this many requests: under load its drafts cost more than they save on CPU
-    # (bench, SmolLM2: c=1 1.43x; with lookup at every batch size c=16 0.95x and c=32 0.97x vs 1.01 and 1.00).
+    # (the README's bench history has the numbers).
     lookup_max_batch: int = 2
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
