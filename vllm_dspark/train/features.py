@@ -152,3 +152,30 @@ class TargetFeatures:
             feats[b, : f.shape[0]] = f.to(dev).float()
             final[b, : h.shape[0]] = h.to(dev).float()
         return TargetOutput(feats, RowLogits(final, self._logits))
+
+
+def fill_feature_cache(target: TargetFeatures, examples: list, args, pad_id: int) -> list[dict]:
+    """--cache-only: run the target once over shard I of N of the data (several processes fill one cache in
+    parallel before training runs share it). Sequences sorted by length, so little padding is computed."""
+    if target.cache_dir is None:
+        raise ValueError("--cache-only: expected --feature-cache DIR to fill")
+    try:
+        shard, shards = (int(x) for x in args.cache_shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"--cache-shard={args.cache_shard!r}: expected I/N with 0 <= I < N, e.g. 0/2") from None
+    from .examples import collate
+
+    unique = {tuple(e.ids): e for e in examples}  # repeated conversations share one cache entry
+    mine = sorted(unique.values(), key=lambda e: len(e.ids))[shard::shards]
+    micro = max(1, args.micro_batch_size or 4)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(mine), desc=f"feature cache {shard}/{shards}", unit="seq", disable=args.quiet)
+    for i in range(0, len(mine), micro):
+        ids, attn, _ = collate(mine[i:i + micro], pad_id)
+        target(ids, attn)
+        bar.update(len(mine[i:i + micro]))
+    bar.close()
+    return []

@@ -33,7 +33,7 @@ from ..config import DSparkConfig
 from ..model.drafter import DSparkDrafter
 from .examples import Example, anchor_generator, batch_indices, collate, end_token_ids, load_examples, read_ids, \
     token_counts
-from .features import TargetFeatures, load_target
+from .features import TargetFeatures, fill_feature_cache, load_target
 from .loss import CE_LABELS, LOSS_TYPES, LossStats, dspark_loss, expected_tau, sample_anchors, supervised_weight
 from .monitor import HeldOut, plot_learning_curve, tau_estimate
 from .warmstart import copy_target_layers, feature_scale, folded
@@ -324,31 +324,6 @@ def train(args: argparse.Namespace) -> list[dict]:
         with folded(drafter, scale):
             save_drafter(drafter, out, dtype=getattr(torch, args.save_dtype))
     return records
-
-
-def fill_feature_cache(target: TargetFeatures, examples: list[Example], args, pad_id: int) -> list[dict]:
-    """--cache-only: run the target once over shard I of N of the data (several processes fill one cache in
-    parallel before training runs share it). Sequences sorted by length, so little padding is computed."""
-    if target.cache_dir is None:
-        raise ValueError("--cache-only: expected --feature-cache DIR to fill")
-    try:
-        shard, shards = (int(x) for x in args.cache_shard.split("/"))
-        if not 0 <= shard < shards:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"--cache-shard={args.cache_shard!r}: expected I/N with 0 <= I < N, e.g. 0/2") from None
-    unique = {tuple(e.ids): e for e in examples}  # repeated conversations share one cache entry
-    mine = sorted(unique.values(), key=lambda e: len(e.ids))[shard::shards]
-    micro = max(1, args.micro_batch_size or 4)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(mine), desc=f"feature cache {shard}/{shards}", unit="seq", disable=args.quiet)
-    for i in range(0, len(mine), micro):
-        ids, attn, _ = collate(mine[i:i + micro], pad_id)
-        target(ids, attn)
-        bar.update(len(mine[i:i + micro]))
-    bar.close()
-    return []
 
 
 def _compact(values: list[float]) -> str:
