@@ -266,7 +266,8 @@ def cli_args(target, data, out, *extra) -> list[str]:
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    recs = map(json.loads, (out / "train_log.jsonl").read_text().splitlines())
+    return [r["loss"] for r in recs if "loss" in r]  # step 0 is the held-out point before training
 
 
 @pytest.mark.parametrize("draft_vocab", [0, 40])
@@ -405,8 +406,15 @@ def test_feature_norm_heldout_and_curve_resume_exactly(tiny_llama_dir, chat_file
     assert losses(resumed) == losses(straight)[2:]
     recs = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
     again = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs if "heldout" in r] == [2, 4] and again[-1]["heldout"] == recs[-1]["heldout"]
-    assert recs[-1]["blocks"] == again[-1]["blocks"] > recs[0]["blocks"] > 0  # the curve's x axis goes on
+    assert [r["step"] for r in recs if "heldout" in r] == [0, 2, 4] and again[-1]["heldout"] == recs[-1]["heldout"]
+    assert recs[0]["blocks"] == 0 and recs[0]["hours"] == 0
+    # A warm start's curve begins where the drafter it starts from ended (scale folded into fc at save).
+    warm = tmp_path / "warm"
+    assert trainer.main(cli_args(tiny_llama_dir, chat_file, warm, "--steps", "1", "--init", str(straight),
+                                 "--heldout", str(held), "--eval-every", "1")) == 0
+    first = json.loads((warm / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["heldout"] == recs[-1]["heldout"]
+    assert recs[-1]["blocks"] == again[-1]["blocks"] > recs[1]["blocks"] > 0  # the curve's x axis goes on
     assert (straight / "learning_curve.png").stat().st_size > 10_000
     # The saved drafter holds the scale inside fc: on raw target features it projects as the trained one did.
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)

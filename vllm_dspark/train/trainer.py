@@ -279,6 +279,12 @@ def train(args: argparse.Namespace) -> list[dict]:
         old = log_path.read_text().splitlines() if log_path.is_file() and resume_state is not None else []
         log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= start))
     records: list[dict] = []
+    if heldout is not None and rank == 0 and start == 0:
+        # The curve's first point: where a warm start (--init) begins, or chance for a new drafter.
+        rec = dict(step=0, blocks=0, hours=0.0, heldout=heldout.accuracy(drafter), heldout_blocks=heldout.blocks)
+        records.append(rec)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
     bar = _progress(args, start, rank, len(examples), dropped, drafter)
     for step in range(start, args.steps):
         t0 = time.perf_counter()
