@@ -14,7 +14,7 @@
 #   answers from scripts/gen_smollm2_data.sh (run it first, in the background: it keeps writing while this trains;
 #   each restart of this script reads what is there), plus ShareGPT's human answers with the target's greedy
 #   token as the CE label; every supervised position an anchor; a held-out set of 64 target-written conversations
-#   (the corpus's first 64, frozen in runs/data/heldout.jsonl) evaluated every 25 steps into the run's
+#   (frozen in data/smollm2/heldout.jsonl.gz) evaluated every 25 steps into the run's
 #   learning_curve.png. One thread pinned to CORES (default 1: gen-data holds core 0). Checkpoints every 10 steps;
 #   rerun to resume. The Markov-less ablation runs once the main run has reached STEPS, at equal steps.
 # INSTALL=0: leave drafters/ as it is (the shipped weights are committed; only RECIPE=mix installs by default).
@@ -67,11 +67,7 @@ PY
     # The target-written corpus listed GEN_REPEAT times: its share of the batches while it is still small.
     DATA=$(for _ in $(seq "${GEN_REPEAT:-3}"); do printf '%s,' "$GEN"; done)$HUMAN
     [ -s "$HUMAN" ] || $PY/vllm-dspark gen-data --target "$TARGET" --prompts sharegpt --original-answers --out "$HUMAN"
-    if [ ! -s "$HELD" ]; then
-      [ "$(wc -l < "$GEN" 2>/dev/null || echo 0)" -ge 64 ] || {
-        echo "campaign: $GEN has fewer than 64 conversations; run scripts/gen_smollm2_data.sh first" >&2; exit 2; }
-      head -64 "$GEN" > "$HELD"
-    fi
+    RUNS=$RUNS scripts/smollm2_corpus.sh restore  # the corpus and the frozen held-out set from data/smollm2/
     COMMON=(--target "$TARGET" --data "$DATA" --heldout "$HELD" --eval-every 25 --layers 2 --block-size 7
             --draft-vocab 16384 --steps "$STEPS" --batch-size 4 --micro-batch-size 2 --anchors-per-seq 0
             --max-len 512 --lr 6e-4 --min-lr-frac 0.1 --ce-labels target --save-every 10 --threads 1
