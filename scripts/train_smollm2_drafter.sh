@@ -17,6 +17,8 @@
 #   (frozen in data/smollm2/heldout.jsonl.gz) evaluated every 25 steps into the run's
 #   learning_curve.png. One thread pinned to CORES (default 1: gen-data holds core 0). Checkpoints every 10 steps;
 #   rerun to resume. The Markov-less ablation runs once the main run has reached STEPS, at equal steps.
+# RECIPE=warm (STEPS=300, ~1.5 h on one core beside gen-data): continues the committed drafter on the corpus so far
+#   (x2) and 3000 human conversations with target labels; step 0 of its learning curve is where the drafter starts.
 # INSTALL=0: leave drafters/ as it is (the shipped weights are committed; only RECIPE=mix installs by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,7 +86,24 @@ PY
     fi
     exit 0
     ;;
-  *) echo "RECIPE=$RECIPE: expected mix, own or campaign" >&2; exit 2 ;;
+  warm)
+    # One session's share of the campaign: a machine keeps nothing between sessions but git, so training goes on
+    # from the committed drafter (--init) instead of a checkpoint. Data as in the campaign (HUMAN_N human rows).
+    GEN="$RUNS/data/sharegpt_smollm2_mt.jsonl"; HUMAN="$RUNS/data/sharegpt_original.jsonl"
+    HELD="$RUNS/data/heldout.jsonl"; STEPS=${STEPS:-300}; CORES=${CORES:-1}; OUT="$RUNS/smollm2-warm"
+    RUNS=$RUNS scripts/smollm2_corpus.sh restore
+    [ -s "$HUMAN" ] || $PY/vllm-dspark gen-data --target "$TARGET" --prompts sharegpt --original-answers --out "$HUMAN"
+    head -"${HUMAN_N:-3000}" "$HUMAN" > "$RUNS/data/human_part.jsonl"
+    cp "$GEN" "$RUNS/data/gen_snapshot.jsonl"  # gen-data may be appending; train on a fixed copy
+    DATA=$(for _ in $(seq "${GEN_REPEAT:-2}"); do printf '%s,' "$RUNS/data/gen_snapshot.jsonl"; done)$RUNS/data/human_part.jsonl
+    OMP_NUM_THREADS=1 taskset -c "$CORES" $PY/vllm-dspark train --target "$TARGET" --init "${INIT:-drafters/smollm2-135m-dspark}" \
+      --data "$DATA" --heldout "$HELD" --eval-every 10 --steps "$STEPS" --batch-size 2 --micro-batch-size 2 \
+      --anchors-per-seq 0 --max-len 512 --lr 3e-4 --warmup-frac 0.02 --min-lr-frac 0.1 --ce-labels target \
+      --save-every 10 --threads 1 --save-dtype bfloat16 --out "$OUT" $([ -d "$OUT/checkpoints" ] && echo --resume "$OUT") \
+      2>> "$RUNS/train-warm.log"
+    exit 0
+    ;;
+  *) echo "RECIPE=$RECIPE: expected mix, own, campaign or warm" >&2; exit 2 ;;
 esac
 
 # Cost knobs for 2 CPU cores: the 8192 most frequent assistant tokens as the draft vocabulary (d2t; ~97% of the
