@@ -104,7 +104,7 @@ def register() -> None:
 def use_vllm_log_handlers() -> None:
     """Send this package's log records ("vllm_dspark") to vLLM's handlers, at vLLM's level, when nothing else
     configured logging: vLLM's own logger does not propagate, so without this our INFO lines (drafter loaded,
-    measured payoff) go nowhere and warnings print without vLLM's format. An application or test that set up
+    policy verdicts) go nowhere and warnings print without vLLM's format. An application or test that set up
     the root logger keeps receiving them there instead."""
     ours, theirs = logging.getLogger("vllm_dspark"), logging.getLogger("vllm")
     if ours.handlers or logging.getLogger().handlers or not theirs.handlers:

@@ -147,6 +147,19 @@ def read_target_config(target: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtypes(dtype: str, head_dtype: str, device: torch.device,
+                   model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype | None]:
+    """The drafter's compute dtype and its LM head's (None: the drafter's) for the ``dtype`` / ``head_dtype``
+    settings: "auto" = float32 on CPU (no bf16 units on AVX2) and the target's dtype elsewhere; the head as a
+    bfloat16 copy on CPU, where it is memory-bound."""
+    compute = _DTYPES.get(dtype, torch.float32 if device.type == "cpu" else model_dtype)
+    head = _DTYPES.get(head_dtype, torch.bfloat16 if head_dtype == "auto" and device.type == "cpu" else None)
+    return compute, head
+
+
 def load_drafter(directory: str | Path, target: str | Path | torch.nn.Module | None = None, *,
                  target_config: Any = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> DSparkDrafter:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,6 +200,35 @@ class ContextStore:
             self.k[slot, start:start + n] = k[offset:offset + n]
             self.v[slot, start:start + n] = v[offset:offset + n]
             offset += n
+
+    def append_step(self, rows: list[tuple[str, int, torch.Tensor]],
+                    tokens: Callable[[str], np.ndarray]) -> list[tuple[str, int]]:
+        """Append one engine step's rows (deferred; owned views of the step's features) and offer the prefix blocks
+        they complete; ``tokens(req_id)``: the request's token ids from position 0.
+
+        A row starting beyond its request's context means vLLM's prefix cache served the first ``start`` tokens,
+        possibly from blocks another request computes in this very step (the children of an n > 1 request, each
+        served part of the prompt): those come from our own prefix cache, each request's new rows appended at once
+        so that the blocks they complete serve the next; shortest cached prefix first, again while that makes
+        progress. Returns (req_id, start) of the rows that would still leave a hole (not appended)."""
+        def add(batch):
+            self.append(batch, defer=True, owned=True)
+            for req_id, pos, f in batch:
+                self.publish_blocks(req_id, tokens(req_id)[:pos + f.shape[0]])
+
+        add([r for r in rows if r[1] <= self.length(r[0])])
+        late = sorted((r for r in rows if r[1] > self.length(r[0])), key=lambda r: r[1])
+        progress = True
+        while late and progress:
+            progress, waiting = False, []
+            for req_id, pos, f in late:
+                if self.fill_from_prefix_cache(req_id, tokens(req_id)[:pos]) >= pos:
+                    add([(req_id, pos, f)])
+                    progress = True
+                else:
+                    waiting.append((req_id, pos, f))
+            late = waiting
+        return [(req_id, pos) for req_id, pos, _ in late]
 
     def publish_blocks(self, req_id: str, tokens: np.ndarray) -> None:
         """Offer this request's newly completed blocks to the prefix cache (tokens: its ids from position 0).

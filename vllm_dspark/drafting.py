@@ -7,6 +7,7 @@ the argmax chain and their q is one-hot.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,26 @@ class DraftBlock:
     @property
     def confidence(self) -> torch.Tensor | None:
         return None if self.confidence_logit is None else torch.sigmoid(self.confidence_logit)
+
+    def dense_q(self, vocab_size: int) -> torch.Tensor:
+        """q as [B, g, V] float32 rows (top-k q scattered into zeros), as vLLM's rejection sampler takes it."""
+        if self.q is not None:
+            return self.q.float().contiguous()
+        q = torch.zeros(*self.q_probs.shape[:2], vocab_size, dtype=torch.float32, device=self.q_probs.device)
+        return q.scatter_(2, self.q_ids, self.q_probs.float())
+
+
+def noise_keys(req_ids: list[str], seeds: list[int | None], positions: list[int], step: int) -> list[int]:
+    """Draft-noise key per request: a seeded request's from (seed, position), the same in every run and batch;
+    the others' from the request id and the engine step (fresh each round)."""
+    return [seed_key(s, p) if s is not None else (zlib.crc32(r.encode()) * 1_000_003 + step) & 0x7FFFFFFF
+            for r, s, p in zip(req_ids, seeds, positions)]
+
+
+def seed_key(seed: int, position: int) -> int:
+    """The draft-noise key of a seeded request drafting from ``position``: distinct per (seed, position), the
+    same in every run, batch and process (``markov_head`` mixes both 32-bit halves)."""
+    return (((int(seed) & 0x7FFFFFFF) + 1) << 32) | (position & 0xFFFFFFFF)
 
 
 @torch.inference_mode()

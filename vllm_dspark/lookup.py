@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["LookupStats", "prompt_lookup"]
+__all__ = ["LookupStats", "lookup_drafts", "prompt_lookup"]
 
 
 def prompt_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
@@ -33,6 +33,18 @@ def prompt_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[in
             start = int(hits[0]) + n
             return t[start: start + k].tolist()
     return []
+
+
+def lookup_drafts(token_ids: np.ndarray, num_tokens, rows: list[int], min_n: int, max_n: int,
+                  caps: list[int]) -> dict[int, list[int]]:
+    """{index into ``rows``: drafts} for the batch rows whose text has a match (``token_ids`` [batch, L], the first
+    ``num_tokens[row]`` of each row filled; ``caps``: drafts allowed per listed row)."""
+    looked = {}
+    for j, (i, cap) in enumerate(zip(rows, caps)):
+        d = prompt_lookup(token_ids[i, :int(num_tokens[i])], min_n, max_n, cap)
+        if d:
+            looked[j] = d
+    return looked
 
 
 class LookupStats:

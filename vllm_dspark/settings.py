@@ -39,10 +39,9 @@ class DSparkSettings:
     # "adaptive": per-request block lengths from the confidence head and the measured cost of verification
     # (paper Alg. 1; needs a confidence head, else fixed); "fixed": always num_speculative_tokens.
     mode: str = "adaptive"
-    # Adaptive mode: steps to skip drafting after drafting was found not worth its cost; under load (batches
-    # above 4 requests, or a batch size whose drafting steps measured slower than plain ones) doubled after each
-    # further such verdict, up to probe_interval_max, and back to probe_interval when drafting pays again or the
-    # batch halves. See scheduling.DraftPause.
+    # Adaptive mode: steps without drafting after a verdict that drafting does not pay (doubled after each further
+    # such verdict, up to probe_interval_max; back to probe_interval when it pays again or the batch halves). See
+    # policy.SpeedPolicy.
     probe_interval: int = 32
     probe_interval_max: int = 1024
     # Prompt lookup (vllm_dspark.lookup): a greedy request whose text has an earlier occurrence of its last
@@ -73,36 +72,76 @@ class DSparkSettings:
             raise DSparkConfigError(f'additional_config["dspark"]: unknown key(s) {", ".join(hints)}; '
                                     f'expected only {sorted(known)}')
         s = cls(**raw)
-        if not isinstance(s.drafter, str) or not s.drafter:
-            raise DSparkConfigError(f'additional_config["dspark"]["drafter"]={s.drafter!r}: expected a drafter directory')
-        if not isinstance(s.topk, int) or s.topk < 0:
-            raise DSparkConfigError(f'additional_config["dspark"]["topk"]={s.topk!r}: expected an integer >= 0')
-        for name in ("probe_interval", "probe_interval_max"):
+        for name, rule in RULES.items():
             value = getattr(s, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
-        for name in ("lookup", "full_block", "probabilistic", "record"):
-            if not isinstance(getattr(s, name), bool):
-                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={getattr(s, name)!r}: '
-                                        f'expected true or false')
-        for name in ("lookup_min", "lookup_max", "lookup_max_batch"):
-            value = getattr(s, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: expected an integer >= 1')
-        if s.lookup_max < s.lookup_min:
-            raise DSparkConfigError(f'additional_config["dspark"]["lookup_max"]={s.lookup_max!r}: '
-                                    f'expected >= lookup_min ({s.lookup_min})')
-        if s.probe_interval_max < s.probe_interval:
-            raise DSparkConfigError(f'additional_config["dspark"]["probe_interval_max"]={s.probe_interval_max!r}: '
-                                    f'expected >= probe_interval ({s.probe_interval})')
-        if s.mode not in ("adaptive", "fixed"):
-            raise DSparkConfigError(f'additional_config["dspark"]["mode"]={s.mode!r}: expected adaptive|fixed')
-        if s.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise DSparkConfigError(f'additional_config["dspark"]["dtype"]={s.dtype!r}: expected auto|float32|bfloat16|float16')
-        if s.head_dtype not in ("auto", "same", "float32", "bfloat16", "float16"):
-            raise DSparkConfigError(f'additional_config["dspark"]["head_dtype"]={s.head_dtype!r}: '
-                                    'expected auto|same|float32|bfloat16|float16')
+            if (expected := rule.error(value)) is not None:
+                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: {expected}')
+        for name, lower in AT_LEAST:
+            value, bound = getattr(s, name), getattr(s, lower)
+            if value < bound:
+                raise DSparkConfigError(f'additional_config["dspark"]["{name}"]={value!r}: '
+                                        f'expected >= {lower} ({bound})')
         return s
+
+
+# Validation, one rule per field (tests/unit/test_settings.py checks that none is missing). Each rule's error()
+# returns what was expected, or None when the value is fine.
+@dataclass(frozen=True)
+class Int:
+    """An integer >= min (bools are ints in Python: rejected)."""
+
+    min: int
+
+    def error(self, value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= self.min
+        return None if ok else f"expected an integer >= {self.min}"
+
+
+@dataclass(frozen=True)
+class Bool:
+    def error(self, value: Any) -> str | None:
+        return None if isinstance(value, bool) else "expected true or false"
+
+
+class Choice:
+    """One of the given strings."""
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def error(self, value: Any) -> str | None:
+        return None if value in self.choices else f"expected {'|'.join(self.choices)}"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string."""
+
+    expected: str
+
+    def error(self, value: Any) -> str | None:
+        return None if isinstance(value, str) and value else f"expected {self.expected}"
+
+
+RULES: dict[str, Int | Bool | Choice | Text] = {
+    "drafter": Text("a drafter directory"),
+    "topk": Int(min=0),
+    "probabilistic": Bool(),
+    "dtype": Choice("auto", "float32", "bfloat16", "float16"),
+    "head_dtype": Choice("auto", "same", "float32", "bfloat16", "float16"),
+    "full_block": Bool(),
+    "prefix_cache_mb": Int(min=1),
+    "mode": Choice("adaptive", "fixed"),
+    "probe_interval": Int(min=1),
+    "probe_interval_max": Int(min=1),
+    "lookup": Bool(),
+    "lookup_min": Int(min=1),
+    "lookup_max": Int(min=1),
+    "lookup_max_batch": Int(min=1),
+    "record": Bool(),
+}
+# (field, other): field must be >= other; checked after RULES, so both are integers by then.
+AT_LEAST: list[tuple[str, str]] = [("lookup_max", "lookup_min"), ("probe_interval_max", "probe_interval")]
 
 
 # One line per setting, for `vllm-dspark serve --help` (the README's table says more).

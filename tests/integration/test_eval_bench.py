@@ -84,7 +84,7 @@ def test_eval_report_matches_vllm_counters(vllm_env, setup, tmp_path):
 
 def test_calibrate_turn2_writes_calibration(vllm_env, setup, tmp_path, capsys):
     from vllm_dspark.eval.evaluate import calibrate_main
-    from vllm_dspark.scheduling import CALIBRATION_FILE, load_calibration
+    from vllm_dspark.calibration import CALIBRATION_FILE, load_calibration
 
     drafter = tmp_path / "drafter"
     shutil.copytree(setup["dspark"], drafter)
@@ -169,7 +169,7 @@ def test_bench_method_names():
 def test_report_accounting_with_acceptance(tmp_path):
     """The report maths on known rounds with real acceptance (untrained drafters above accept ~nothing)."""
     from vllm_dspark.eval.evaluate import EvalRun, drafter_report
-    from vllm_dspark.scheduling import save_calibration
+    from vllm_dspark.calibration import save_calibration
 
     (tmp_path / "config.json").write_text(json.dumps({"markov_rank": 16}))
     rounds = [(0, 3, 3, [0.9, 0.8, 0.7]), (1, 3, 2, [0.9, 0.5, 0.4]), (0, 3, 0, [0.2, 0.3, 0.3]),

@@ -143,7 +143,7 @@ def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
     spec = _generate(llm, prompts)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
     prop = _proposer(llm)
-    assert prop.adaptive and len(prop.cost) > 0  # the cost model learned from real steps
+    assert prop.adaptive and len(prop.policy.cost) > 0  # the cost model learned from real steps
     lengths = prop.stats.length_hist
     assert sum(lengths.values()) > 0 and max(lengths) <= 3
     counters = _spec_counters(llm)
@@ -224,7 +224,7 @@ def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypa
     from vllm.v1.sample.rejection_sampler import RejectionSampler
 
     from vllm_dspark.integration.proposer import DSparkProposer
-    from vllm_dspark.scheduling import DraftPause
+    from vllm_dspark.policy import SpeedPolicy
 
     target, drafter_dir = drafters["llama"]
     prompts = _prompts(6)
@@ -239,7 +239,7 @@ def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypa
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(RejectionSampler, "forward", counted)
-    monkeypatch.setattr(DraftPause, "active", lambda self, step, batch: True)
+    monkeypatch.setattr(SpeedPolicy, "begin", lambda self, report, batch: 0)
     # Seeded requests draft through pauses (so that their text does not depend on timing): hide their seeds from
     # the proposer here, which then pauses them too, while vLLM still samples them with their generators.
     set_batch = DSparkProposer.set_batch
@@ -250,7 +250,6 @@ def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypa
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
     assert _proposer(llm).stats.drafted_requests == 0
     assert calls["n"] == 0
-    monkeypatch.setattr(DraftPause, "active", lambda self, step, batch: False)
     _proposer(llm).adaptive = False  # fixed K: every decode step verifies drafts, through the rejection sampler
     again = llm.generate(prompts[1:2], params[1:2], use_tqdm=False)  # greedy
     assert calls["n"] > 0 and _proposer(llm).stats.num_rounds > 0

@@ -188,7 +188,7 @@ def generate_interleaved(llms: dict[str, Any], prompts: list[dict], params, conc
     """Each engine's closed loop over the same prompts, the engines taking turns in time slices of
     ``slice_seconds`` (A B C A B C ...) until all are done: the machine's drift within the run hits every engine
     alike. -> {name: (outputs in prompt order, seconds that engine ran)}. A paused engine only waits: our proposer
-    does not count the wait as a step's cost (``DSparkProposer._paused``)."""
+    does not count the wait as a step's cost (``policy.StepCost``)."""
     loops = {n: ClosedLoop(llm, prompts, params, concurrency) for n, llm in llms.items()}
     while not all(loop.done for loop in loops.values()):
         for loop in loops.values():

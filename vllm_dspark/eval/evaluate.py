@@ -19,7 +19,7 @@ Drafts proposed in a request's last step are never verified and count on neither
 ``OUT/report.json`` (metric definitions in :mod:`vllm_dspark.eval.metrics`) holds, per drafter label: tau,
 conditional acceptance and survival by position, tau per prompt category, both counter sets, the drafter's
 config.json, and for a drafter with a confidence head the per-position ECE/AUROC of the predicted survival
-(raw, and calibrated when ``scheduling.CALIBRATION_FILE`` sits next to the drafter). PNGs: conditional
+(raw, and calibrated when ``calibration.CALIBRATION_FILE`` sits next to the drafter). PNGs: conditional
 acceptance (all drafters), survival, and one reliability diagram per drafter with a confidence head.
 
 ``calibrate`` runs the same measurement for one drafter, fits sequential temperature scaling on the recorded
@@ -227,7 +227,7 @@ def _reliability(survival: np.ndarray, drafted: np.ndarray, accepted: np.ndarray
 
 def calibration_section(run: EvalRun, drafter: str) -> tuple[dict | None, dict]:
     """-> (report section, reliability bins per curve) for a drafter with a confidence head."""
-    from vllm_dspark.scheduling import CALIBRATION_FILE, apply_temperature, load_calibration
+    from vllm_dspark.calibration import CALIBRATION_FILE, apply_temperature, load_calibration
 
     arrays = confidence_arrays(run)
     if arrays is None:
@@ -411,7 +411,7 @@ def main(argv: list[str]) -> int:
 
 
 def calibrate_main(argv: list[str]) -> int:
-    from vllm_dspark.scheduling import apply_temperature, fit_sequential_temperature, save_calibration
+    from vllm_dspark.calibration import apply_temperature, fit_sequential_temperature, save_calibration
 
     args = _parser("vllm-dspark calibrate", many=False).parse_args(argv)
     prompts = load_prompts(args.prompts, args.num_prompts, args.turn)

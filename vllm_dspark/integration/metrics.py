@@ -25,8 +25,56 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+@dataclass
+class ProposerStats:
+    """Counters the metrics layer reads (nothing is printed in the step path)."""
+
+    steps: int = 0
+    drafted_requests: int = 0
+    draft_seconds: float = 0.0
+    ingest_seconds: float = 0.0
+    skipped_gap: int = 0
+    faults: int = 0
+    length_hist: dict[int, int] = field(default_factory=dict)
+    # Verification outcomes, from the sampled counts vLLM hands back (our own accounting; agrees with vLLM's
+    # spec-decode counters): rounds, and per draft position k (0-based) how often it was verified/accepted.
+    num_rounds: int = 0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+    # With ``record``: one (req_id, drafted, accepted, confidences of the verified positions) per round, in
+    # verification order (req_id = vLLM's engine-internal request id, as in ``records``).
+    round_log: list[tuple[str, int, int, list[float]]] = field(default_factory=list)
+    # Rounds whose drafts came from prompt lookup (counted in num_rounds/drafted_at/accepted_at too, so that
+    # those agree with vLLM's counters; never in round_log, the drafter's calibration data).
+    lookup_rounds: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
+
+    @property
+    def rounds(self) -> list[tuple[int, int, list[float]]]:
+        """``round_log`` without the request ids: (drafted, accepted, confidences) per round."""
+        return [entry[1:] for entry in self.round_log]
+
+    def observe_round(self, req_id: str, drafted: int, accepted: int, confidence: list[float] | None,
+                      keep: bool, lookup: bool = False) -> None:
+        if lookup:
+            self.lookup_rounds, self.lookup_drafted = self.lookup_rounds + 1, self.lookup_drafted + drafted
+            self.lookup_accepted += accepted
+        while len(self.drafted_at) < drafted:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        self.num_rounds += 1
+        for k in range(drafted):
+            self.drafted_at[k] += 1
+            self.accepted_at[k] += k < accepted
+        if keep:
+            self.round_log.append((req_id, drafted, accepted, list(confidence or [])[:drafted]))
+
 
 METRICS_DIR_ENV = "VLLM_DSPARK_METRICS_DIR"
 PUBLISH_INTERVAL_S = 0.5
