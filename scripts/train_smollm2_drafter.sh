@@ -90,7 +90,7 @@ PY
     # One session's share of the campaign: a machine keeps nothing between sessions but git, so training goes on
     # from the committed drafter (--init) instead of a checkpoint. Data as in the campaign (HUMAN_N human rows).
     GEN="$RUNS/data/sharegpt_smollm2_mt.jsonl"; HUMAN="$RUNS/data/sharegpt_original.jsonl"
-    HELD="$RUNS/data/heldout.jsonl"; STEPS=${STEPS:-300}; CORES=${CORES:-1}; OUT="$RUNS/smollm2-warm"
+    HELD="$RUNS/data/heldout.jsonl"; STEPS=${STEPS:-300}; CORES=${CORES:-1}; OUT=${OUT:-$RUNS/smollm2-warm}
     RUNS=$RUNS scripts/smollm2_corpus.sh restore
     [ -s "$HUMAN" ] || $PY/vllm-dspark gen-data --target "$TARGET" --prompts sharegpt --original-answers --out "$HUMAN"
     head -"${HUMAN_N:-3000}" "$HUMAN" > "$RUNS/data/human_part.jsonl"
@@ -98,7 +98,7 @@ PY
     DATA=$(for _ in $(seq "${GEN_REPEAT:-2}"); do printf '%s,' "$RUNS/data/gen_snapshot.jsonl"; done)$RUNS/data/human_part.jsonl
     OMP_NUM_THREADS=1 taskset -c "$CORES" $PY/vllm-dspark train --target "$TARGET" --init "${INIT:-drafters/smollm2-135m-dspark}" \
       --data "$DATA" --heldout "$HELD" --eval-every 10 --steps "$STEPS" --batch-size 2 --micro-batch-size 2 \
-      --anchors-per-seq 0 --max-len 512 --lr 3e-4 --warmup-frac 0.02 --min-lr-frac 0.1 --ce-labels target \
+      --anchors-per-seq 0 --max-len 512 --lr "${LR:-3e-4}" --warmup-frac 0.02 --min-lr-frac 0.1 --ce-labels target \
       --save-every 10 --threads 1 --save-dtype bfloat16 --out "$OUT" $([ -d "$OUT/checkpoints" ] && echo --resume "$OUT") \
       2>> "$RUNS/train-warm.log"
     exit 0

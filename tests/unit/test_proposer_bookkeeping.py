@@ -15,17 +15,16 @@ def _bare_proposer(k: int = 4):
 
 
 def test_requests_without_context_are_counted_and_the_first_few_logged(caplog):
-    from types import SimpleNamespace
+    from vllm_dspark.integration.metrics import ProposerStats
 
-    prop = _bare_proposer()
-    prop.store = SimpleNamespace(length=lambda req_id: 5)
-    prop._gap_reqs, prop._gap_logged = {"a": "vLLM's prefix cache served its first 64 tokens"}, set()
+    stats = ProposerStats()
     with caplog.at_level("INFO", logger="vllm_dspark"):
         for req_id in ["a", "a", "b", "c", "d", "e"]:
-            prop._skip(req_id, 9)
-    assert prop.stats.skipped_gap == 6
+            why = "vLLM's prefix cache served its first 64 tokens" if req_id == "a" else "rows were not delivered"
+            stats.skip(req_id, 5, 9, why)
+    assert stats.skipped_gap == 6
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == prop.GAP_LOG_REQUESTS == 3  # one line per request, three requests at most
+    assert len(lines) == stats.GAP_LOG_REQUESTS == 3  # one line per request, three requests at most
     assert lines[0] == ("vllm-dspark: request a does not draft: its drafter context has 5 rows, 9 expected "
                         "(vLLM's prefix cache served its first 64 tokens)")
     assert lines[1].startswith("vllm-dspark: request b does not draft") and "were not delivered" in lines[1]

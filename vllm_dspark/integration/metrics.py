@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger("vllm_dspark")
 
 
 @dataclass
@@ -54,6 +57,27 @@ class ProposerStats:
     lookup_rounds: int = 0
     lookup_drafted: int = 0
     lookup_accepted: int = 0
+
+    GAP_LOG_REQUESTS = 3  # requests whose missing context is logged (then only counted)
+    _gap_logged: set[str] = field(default_factory=set)  # at most GAP_LOG_REQUESTS ids
+
+    def skip(self, req_id: str, have: int, want: int, why: str) -> None:
+        """A request without a complete drafter context does not draft this step (output is unaffected);
+        counted (``vllm_dspark:skipped_no_context_total``), and the first few requests are logged with why."""
+        self.skipped_gap += 1
+        if req_id in self._gap_logged or len(self._gap_logged) >= self.GAP_LOG_REQUESTS:
+            return
+        self._gap_logged.add(req_id)
+        logger.info("vllm-dspark: request %s does not draft: its drafter context has %d rows, %d expected (%s)",
+                    req_id, have, want, why)
+
+    def fault(self, where: str) -> None:
+        """A step falls back to no speculation: one warning with the traceback, then a counter (``faults``,
+        exported as ``vllm_dspark:drafter_faults``)."""
+        self.faults += 1
+        if self.faults == 1:
+            logger.warning("vllm-dspark: the drafter failed during %s; this step runs without speculation "
+                           "(output is unaffected). Later faults are only counted.", where, exc_info=True)
 
     @property
     def rounds(self) -> list[tuple[int, int, list[float]]]:

@@ -23,11 +23,12 @@ import torch
 
 from .. import use_vllm_log_handlers
 from ..calibration import CALIBRATION_FILE, load_calibration, survival
-from ..checkpoint import load_drafter, read_weights, resolve_dtypes, validate_weights
+from ..checkpoint import load_drafter, resolve_dtypes
 from ..config import DSparkConfig
 from ..context import ContextStore, PrefixCache
 from ..drafting import draft_block, noise_keys
 from ..lookup import LookupStats, lookup_drafts
+from ..preflight import check_dspark
 from ..policy import SpeedPolicy, StepReport
 from ..settings import DSparkSettings  # noqa: F401 - also imported from here by users and tests
 from . import compat, metrics
@@ -38,18 +39,15 @@ logger = logging.getLogger("vllm_dspark")
 
 
 class DSparkProposer:
-    GAP_LOG_REQUESTS = 3  # requests whose missing context is logged (then only counted)
-
     def __init__(self, vllm_config: Any):
         use_vllm_log_handlers()
         compat.install()
         self.vllm_config = vllm_config
-        self.settings = DSparkSettings.from_additional_config(vllm_config.additional_config)
         self.num_spec_tokens = int(vllm_config.speculative_config.num_speculative_tokens)
+        # the preflight's checks again (settings, drafter, K, target, weights): fail before any weight loading
+        self.settings = check_dspark(vllm_config.additional_config, self.num_spec_tokens,
+                                     vllm_config.model_config.hf_config)
         self.cfg = DSparkConfig.load(self.settings.drafter)
-        self.cfg.check_target(vllm_config.model_config.hf_config)
-        self.cfg.check_num_speculative_tokens(self.num_spec_tokens)
-        validate_weights(self.cfg, read_weights(self.settings.drafter))  # fail before any weight loading
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         # With vLLM's prefix cache on, a request whose prompt hits it gets no hidden states for the cached
         # part: we keep drafter context per block of the same size, keyed the same way (context.PrefixCache).
@@ -65,7 +63,6 @@ class DSparkProposer:
         self._budget = self.num_spec_tokens
         self._last_probs: tuple[torch.Tensor, list[str]] | None = None
         self._gap_reqs: dict[str, str] = {}  # requests that never draft again -> why (logged once)
-        self._gap_logged: set[str] = set()  # at most GAP_LOG_REQUESTS ids
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
         self._looked_up: set[str] = set()  # requests whose pending drafts came from prompt lookup
         self.lookup_stats = LookupStats(self.num_spec_tokens)
@@ -93,15 +90,13 @@ class DSparkProposer:
                                            vllm_config.model_config.dtype)
         # Under tensor parallelism the target's embedding and LM head are vocab-sharded: take the full
         # matrices from the target's checkpoint files instead (the drafter is replicated on every rank).
-        source = target_model
-        if int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)) > 1:
-            source = vllm_config.model_config.model
+        tp = int(getattr(vllm_config.parallel_config, "tensor_parallel_size", 1))
+        source = vllm_config.model_config.model if tp > 1 else target_model
         self.drafter = load_drafter(self.settings.drafter, source, dtype=dtype, device=device)
         self.drafter.set_head_dtype(head_dtype, release=True)
-        prefix = None
-        if self._prefix_block_size:
-            prefix = PrefixCache(self._prefix_block_size, self.settings.prefix_cache_mb * 2**20)
-        self.store = ContextStore(self.drafter, prefix_cache=prefix)
+        size = self._prefix_block_size
+        self.store = ContextStore(self.drafter, prefix_cache=PrefixCache(
+            size, self.settings.prefix_cache_mb * 2**20) if size else None)
         logger.info("vllm-dspark: drafter %s loaded (%d layers, markov rank %d, K=%d, topk=%d, %s, LM head %s)",
                     self.settings.drafter, self.cfg.num_hidden_layers, self.cfg.markov_rank, self.num_spec_tokens,
                     self.settings.topk, dtype, head_dtype or dtype)
@@ -135,7 +130,7 @@ class DSparkProposer:
             self._ingest(step, sampled_token_ids)
         except Exception:  # noqa: BLE001 - contexts of this step's requests may now have holes: stop drafting them
             self._gap_reqs.update(dict.fromkeys(step.req_ids, "its context update failed"))
-            self._fault("context update")
+            self.stats.fault("context update")
 
     def _ingest(self, step: StepRows, sampled_token_ids: list[list[int]]) -> None:
         t0 = time.perf_counter()
@@ -175,10 +170,8 @@ class DSparkProposer:
         self._batch_req_ids = req_ids
         self._seeds = seeds or {}
         self._budget = int(budget) if budget else self.num_spec_tokens
-        temp = None
-        if sampling_metadata is not None and not sampling_metadata.all_greedy:
-            temp = sampling_metadata.temperature
-        self._temperature = temp
+        greedy = sampling_metadata is None or sampling_metadata.all_greedy
+        self._temperature = None if greedy else sampling_metadata.temperature
 
     # ------------------------------------------------------------------ drafting
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
@@ -191,7 +184,7 @@ class DSparkProposer:
         try:
             drafted = self._propose(out, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         except Exception:  # noqa: BLE001 - a drafter fault must never take the engine down
-            self._fault("drafting")
+            self.stats.fault("drafting")
             out, drafted = [[] for _ in sampled_token_ids], 0
         seconds = time.perf_counter() - t0
         if drafted and self._step is not None:
@@ -211,7 +204,8 @@ class DSparkProposer:
             req_id = self._batch_req_ids[i]
             n = int(num_tokens_no_spec[i])  # tokens so far, the new anchor included
             if req_id in self._gap_reqs or self.store.length(req_id) != n - 1:
-                self._skip(req_id, n - 1)
+                why = self._gap_reqs.get(req_id) or "rows of an earlier step were not delivered"
+                self.stats.skip(req_id, self.store.length(req_id), n - 1, why)
             elif min(k, self.max_model_len - n) > 0:
                 rows.append(i)
                 anchors.append(int(sampled[-1]))
@@ -268,9 +262,8 @@ class DSparkProposer:
             elif from_lookup and out[i]:
                 self._looked_up.add(req_id)
             if self.settings.record:
-                self.records.append({"req_id": req_id, "position": int(num_tokens_no_spec[i]) - 1,
-                                     "anchor": anchors[j], "drafts": out[i],
-                                     "source": "lookup" if from_lookup else "drafter"})
+                self.records.append({"req_id": req_id, "position": int(num_tokens_no_spec[i]) - 1, "anchor": anchors[j],
+                                     "drafts": out[i], "source": "lookup" if from_lookup else "drafter"})
             self.stats.length_hist[len(out[i])] = self.stats.length_hist.get(len(out[i]), 0) + 1
         self.stats.drafted_requests += len(order)
         if want_q:
@@ -293,25 +286,6 @@ class DSparkProposer:
         found = lookup_drafts(token_ids, num_tokens, [rows[j] for j in free], s.lookup_min, s.lookup_max,
                               [caps[j] for j in free])
         return {free[x]: d for x, d in found.items()}
-
-    def _skip(self, req_id: str, want: int) -> None:
-        """A request without a complete drafter context does not draft this step (output is unaffected);
-        counted (``vllm_dspark:skipped_no_context_total``), and the first few requests are logged with why."""
-        self.stats.skipped_gap += 1
-        if req_id in self._gap_logged or len(self._gap_logged) >= self.GAP_LOG_REQUESTS:
-            return
-        self._gap_logged.add(req_id)
-        why = self._gap_reqs.get(req_id) or "rows of an earlier step were not delivered"
-        logger.info("vllm-dspark: request %s does not draft: its drafter context has %d rows, %d expected (%s)",
-                    req_id, self.store.length(req_id), want, why)
-
-    def _fault(self, where: str) -> None:
-        """Fall back to no speculation for this step: one warning with the traceback, then a counter
-        (``stats.faults``, exported as ``vllm_dspark:drafter_faults``)."""
-        self.stats.faults += 1
-        if self.stats.faults == 1:
-            logger.warning("vllm-dspark: the drafter failed during %s; this step runs without speculation "
-                           "(output is unaffected). Later faults are only counted.", where, exc_info=True)
 
     def take_draft_probs(self) -> tuple[torch.Tensor, list[str]] | None:
         probs, self._last_probs = self._last_probs, None
