@@ -28,9 +28,9 @@ RUNS=${RUNS:-runs}
 RECIPE=${RECIPE:-mix}
 mkdir -p "$RUNS/data"
 
-gen() {  # gen-data OUT N MAX_MODEL_LEN CHUNK
+gen() {  # gen-data OUT N MAX_MODEL_LEN CONCURRENCY
   VLLM_CPU_KVCACHE_SPACE=4 VLLM_ENABLE_V1_MULTIPROCESSING=0 $PY/vllm-dspark gen-data --target "$TARGET" \
-    --prompts sharegpt --out "$1" --num-prompts "$2" --max-tokens 256 --max-model-len "$3" --chunk "$4"
+    --prompts sharegpt --out "$1" --num-prompts "$2" --max-turns 1 --max-tokens 256 --max-model-len "$3" --concurrency "$4"
 }
 case "$RECIPE" in
   mix)
