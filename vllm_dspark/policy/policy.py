@@ -81,6 +81,10 @@ class SpeedPolicy:
     SMALL_BATCH = 2
     SMALL_PAUSE = 64
 
+    # Pseudo-counts pulling a position's trust towards the position before it (the first: towards 1): a late
+    # position is verified rarely, its few outcomes would swing it, and a head's error carries over.
+    TRUST_PRIOR = 5.0
+
     def __init__(self, k: int, pause_base: int = 32, pause_cap: int = 1024):
         if k < 1:
             raise ValueError(f"SpeedPolicy: expected k >= 1, got {k}")
@@ -99,7 +103,6 @@ class SpeedPolicy:
         self._probe_left = 0
         self._plain_until = 0
         self._seen: dict[int, list[int]] = {}  # batch -> [speculative steps, plain steps, step of the last plain]
-        self.verdicts = {"draft": 0, "plain": 0}
 
     # ------------------------------------------------------------------------------------------------ observe
     def observe(self, report: StepReport) -> None:
@@ -119,10 +122,6 @@ class SpeedPolicy:
                 seen[0] += 1
             else:
                 seen[1], seen[2] = seen[1] + 1, self.step
-
-    # Pseudo-counts pulling a position's trust towards the position before it (the first: towards 1): a late
-    # position is verified rarely, its few outcomes would swing it, and a head's error carries over.
-    TRUST_PRIOR = 5.0
 
     def trust(self) -> np.ndarray:
         """[K] accepted / expected of the drafts verified lately at each position (1 before any), in [0.02, 2]."""
@@ -151,13 +150,11 @@ class SpeedPolicy:
         gain = self.gain(batch)
         if gain > 1.0:
             self.pause.worth_it()
-            self.verdicts["draft"] += 1
             return self.k
         grow_to = self.SMALL_PAUSE if batch <= self.SMALL_BATCH else None
         self.pause.not_worth_it(self.step, batch, grow_to if gain < self.GROW_BELOW else self.pause.base)
         self._probe_left = min(self.PROBE_STEPS, -(-self.PROBE_ROWS // batch))
         self._expect_rows = 0.0  # the probe's blocks alone will say what the drafter expects now
-        self.verdicts["plain"] += 1
         return 0
 
     def _wants_plain(self, batch: int) -> bool:
