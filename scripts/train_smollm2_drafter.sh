@@ -97,8 +97,8 @@ PY
     cp "$GEN" "$RUNS/data/gen_snapshot.jsonl"  # gen-data may be appending; train on a fixed copy
     DATA=$(for _ in $(seq "${GEN_REPEAT:-2}"); do printf '%s,' "$RUNS/data/gen_snapshot.jsonl"; done)$RUNS/data/human_part.jsonl
     OMP_NUM_THREADS=1 taskset -c "$CORES" $PY/vllm-dspark train --target "$TARGET" --init "${INIT:-drafters/smollm2-135m-dspark}" \
-      --data "$DATA" --heldout "$HELD" --eval-every 10 --steps "$STEPS" --batch-size 2 --micro-batch-size 2 \
-      --anchors-per-seq 0 --max-len 512 --lr "${LR:-3e-4}" --warmup-frac 0.02 --min-lr-frac 0.1 --ce-labels target \
+      --data "$DATA" --heldout "$HELD" --eval-every "${EVAL_EVERY:-10}" --steps "$STEPS" --batch-size 2 --micro-batch-size 2 \
+      --anchors-per-seq "${ANCHORS:-0}" --max-len 512 --lr "${LR:-3e-4}" --warmup-frac 0.02 --min-lr-frac 0.1 --ce-labels target \
       --save-every 10 --threads 1 --save-dtype bfloat16 --out "$OUT" $([ -d "$OUT/checkpoints" ] && echo --resume "$OUT") \
       2>> "$RUNS/train-warm.log"
     exit 0
