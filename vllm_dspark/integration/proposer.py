@@ -197,9 +197,17 @@ class DSparkProposer:
                  token_ids_cpu: np.ndarray | None) -> int:
         """Fill ``out`` with drafts; returns the requests the drafter ran for."""
         k = max(0, min(self.num_spec_tokens, self._budget))
+        # A seeded request's output must be a function of its prompt, parameters and seed alone (vLLM users rely
+        # on that): it always drafts its full cap, with noise keyed by its seed and position; the policy (timing,
+        # the batch) plans only the others, and is asked first so that a paused step costs no per-request work.
+        report, self._report = self._report, None
+        self.stats.steps += 1
+        plan = not self.adaptive or self.policy.begin(report, len(sampled_token_ids) - len(self._seeds)) > 0
+        if not plan and not self._seeds:
+            return 0
         rows, anchors, temps, caps = [], [], [], []
         for i, sampled in enumerate(sampled_token_ids):
-            if not sampled or i >= len(self._batch_req_ids):
+            if not sampled or i >= len(self._batch_req_ids) or not (plan or i in self._seeds):
                 continue
             req_id = self._batch_req_ids[i]
             n = int(num_tokens_no_spec[i])  # tokens so far, the new anchor included
@@ -214,15 +222,8 @@ class DSparkProposer:
                 # (still lossless; it accepts x with probability p(x)).
                 t = 0.0 if self._temperature is None else float(self._temperature[i])
                 temps.append(t if self.settings.probabilistic else 0.0)
-        # A seeded request's output must be a function of its prompt, parameters and seed alone (vLLM users rely
-        # on that): it always drafts its full cap, with noise keyed by its seed and position; the policy (timing,
-        # the batch) plans only the others.
         seeded = [j for j, i in enumerate(rows) if i in self._seeds]
         free = [j for j, i in enumerate(rows) if i not in self._seeds]
-        report, self._report = self._report, None
-        self.stats.steps += 1
-        if self.adaptive and self.policy.begin(report, len(free)) == 0:
-            free = []
         if not free and not seeded:
             return 0
         looked = self._lookup(free, rows, caps, temps, num_tokens_no_spec, token_ids_cpu)

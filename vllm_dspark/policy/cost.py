@@ -39,10 +39,10 @@ class LinearCost:
     """y(x) = a + b*x fitted online by exponentially weighted least squares (``half_life`` observations).
 
     Until observations of clearly different x were seen the slope comes from a prior shape,
-    ``overhead_tokens`` = a / b (verifying 8 tokens costs ~1.6x one on an AVX2 CPU in float32: ~10 tokens).
+    ``overhead_tokens`` = a / b (the fixed cost of a step in token units; ~10 for a float32 target on an AVX2 CPU).
     Each x below MEASURED_MAX also keeps its own average (EMA weight MEASURED_ALPHA), used instead of the line once
-    seen MEASURED_MIN times: a CPU's GEMMs are not linear in a handful of rows (SmolLM2 on this CPU: 2 tokens 40 ms,
-    1 token 35 ms, 3 tokens 33 ms), and where the sizes seen barely spread the line's slope is only its prior.
+    seen MEASURED_MIN times: a CPU's GEMMs are not linear in a handful of rows (verifying 2 tokens can take longer
+    than 3), and where the sizes seen barely spread the line's slope is only its prior.
     """
 
     MEASURED_MAX = 32
