@@ -1,4 +1,5 @@
-"""Prompt sets for `vllm-dspark eval` and `bench`: MT-Bench (packaged) or a file of one's own."""
+"""Prompt sets for `vllm-dspark eval` and `bench`: MT-Bench or copy-heavy requests (packaged) or a file of one's
+own."""
 from __future__ import annotations
 
 import json
@@ -15,11 +16,13 @@ class Prompt:
 
 
 def load_prompts(spec: str, num_prompts: int | None = None, turn: int = 1) -> list[Prompt]:
-    """``mtbench`` (the 80 packaged questions), a ``.jsonl`` file (rows ``{"prompt" or "turns", "category"?,
+    """``mtbench`` (the 80 packaged questions), ``copy`` (80 requests whose answer repeats the prompt, built from
+    ShareGPT answers: see copy_prompts.py), a ``.jsonl`` file (rows ``{"prompt" or "turns", "category"?,
     "id"?}``) or a text file (one prompt per non-empty line, category "default").
 
     With ``num_prompts``, MT-Bench questions are taken round-robin over its 8 categories (so a small sample
-    still covers all of them); files are cut in order.
+    still covers all of them); ``copy`` is always in round-robin order over its 5 categories; files are cut in
+    order.
     """
     if spec == "mtbench":
         from vllm_dspark.assets import load_mtbench
@@ -27,10 +30,14 @@ def load_prompts(spec: str, num_prompts: int | None = None, turn: int = 1) -> li
         prompts = [Prompt(str(q.question_id), q.category, list(q.turns)) for q in load_mtbench()]
         if num_prompts is not None:
             prompts = _round_robin(prompts)
+    elif spec == "copy":
+        from vllm_dspark.eval.copy_prompts import copy_prompts
+
+        prompts = copy_prompts()
     else:
         path = Path(spec)
         if not path.is_file():
-            raise SystemExit(f"--prompts {spec!r}: expected 'mtbench' or an existing .jsonl / text file")
+            raise SystemExit(f"--prompts {spec!r}: expected 'mtbench', 'copy' or an existing .jsonl / text file")
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if path.suffix == ".jsonl":
             prompts = [_jsonl_prompt(json.loads(line), i, path) for i, line in enumerate(lines)]
