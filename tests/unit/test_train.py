@@ -392,6 +392,36 @@ def test_copied_target_layers_read_the_last_feature_layer_as_the_target_does(tin
     assert torch.allclose(m.project_context(feats), model.model.layers[2].input_layernorm(last), atol=1e-5)
 
 
+def test_grown_drafter_drafts_what_it_did_and_its_new_layers_come_from_the_target(tiny_llama_dir):
+    from vllm_dspark.checkpoint import new_drafter
+    from vllm_dspark.train.warmstart import grow_layers
+
+    model = load_target(tiny_llama_dir)
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    m = new_drafter(model, cfg, seed=0, num_layers=1, markov_rank=16, block_size=3, num_target_layer_ids=2)
+    for p in m.parameters():  # a drafter with every weight non-trivial, as a trained one
+        p.data.add_(0.05 * torch.randn_like(p))
+    big = grow_layers(m, 3, model)
+    assert big.cfg.num_hidden_layers == 3 and len(big.layers) == 3 and m.cfg.num_hidden_layers == 1
+    assert torch.equal(big.layers[0].self_attn.q_proj.weight, m.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(big.layers[1].self_attn.k_proj.weight, model.model.layers[2].self_attn.k_proj.weight)
+    assert torch.equal(big.layers[2].mlp.up_proj.weight, model.model.layers[3].mlp.up_proj.weight)
+    assert not big.layers[2].mlp.down_proj.weight.any() and not big.layers[1].self_attn.o_proj.weight.any()
+    feats = torch.randn(7, m.fc.in_features)
+    ids = torch.randint(0, 500, (1, 7))
+    a, g = 5, m.cfg.block_size
+
+    def hidden(d):
+        k_ctx, v_ctx = d.context_kv(feats[:a], torch.arange(a))
+        return d.block_hidden(d.query_ids(ids[0, a:a + 1], g), a + torch.arange(g)[None], k_ctx[None], v_ctx[None],
+                              block_attention_mask(torch.tensor([a]), a, g))[0]
+    torch.testing.assert_close(hidden(big), hidden(m), rtol=1e-5, atol=1e-6)
+    big.layers[2].mlp.down_proj.weight.data.normal_()  # the check can fail: a live new layer changes the output
+    assert not torch.allclose(hidden(big), hidden(m), atol=1e-3)
+    with pytest.raises(ValueError, match=r"num_layers=1: expected more than the drafter's 1"):
+        grow_layers(m, 1, model)
+
+
 def test_feature_norm_heldout_and_curve_resume_exactly(tiny_llama_dir, chat_file, tmp_path):
     held = tmp_path / "held.jsonl"
     rows = chat_file.read_text().splitlines()

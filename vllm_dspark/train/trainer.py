@@ -36,7 +36,7 @@ from .examples import Example, anchor_generator, batch_indices, collate, end_tok
 from .features import TargetFeatures, fill_feature_cache, load_target
 from .loss import CE_LABELS, LOSS_TYPES, LossStats, dspark_loss, expected_tau, sample_anchors, supervised_weight
 from .monitor import HeldOut, plot_learning_curve, tau_estimate
-from .warmstart import copy_target_layers, feature_scale, folded
+from .warmstart import copy_target_layers, feature_scale, folded, grow_layers
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = dict(
@@ -228,7 +228,11 @@ def train(args: argparse.Namespace) -> list[dict]:
         set_lm_head(drafter, head)
     elif args.init:
         drafter = load_drafter(args.init, target_model, target_config=target_config)
+        if args.grow_layers:
+            drafter = grow_layers(drafter, args.grow_layers, target_model)
     else:
+        if args.grow_layers:
+            raise SystemExit(f"--grow-layers {args.grow_layers}: expected --init DIR as well (the drafter to deepen)")
         draft_ids = None
         if args.draft_vocab:
             counted = examples if not args.vocab_data else \
@@ -366,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draft over the N most frequent assistant tokens of --data (d2t table; cuts the LM head "
                          "cost of training and drafting); 0 = the target's whole vocabulary")
     ap.add_argument("--init", help="start from this drafter folder (its config decides the architecture)")
+    ap.add_argument("--grow-layers", type=int, default=0, metavar="N",
+                    help="with --init: deepen it to N layers, the new ones from the target's top layers with zero "
+                         "output projections (the drafter starts out drafting what --init did)")
     ap.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per global batch")
     ap.add_argument("--micro-batch-size", type=int, default=d["micro_batch_size"],

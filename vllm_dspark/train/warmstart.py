@@ -1,4 +1,4 @@
-"""Two optional starting points for training a drafter on a small budget.
+"""Optional starting points for training a drafter on a small budget.
 
 - ``copy_target_layers``: the draft layers start as the target's top layers (same shapes when the drafter is
   sized for the target), the final norm as the target's, and ``fc`` passes the last target feature layer
@@ -8,9 +8,13 @@
   ``fc`` weight by about the learning rate whatever its input's size, so unscaled, the large layers dominate
   the projection's early training. The scale is applied to the features during training and folded into
   ``fc.weight`` in every saved drafter (``folded``), so checkpoints stay in the DeepSpec layout.
+- ``grow_layers``: a trained drafter made deeper without changing what it computes: new layers (the target's
+  top layers, their output projections zero, so each adds nothing to the residual stream yet) on top of its own,
+  for when a warm start stops improving because the drafter, not the data, is too small.
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import torch
@@ -74,3 +78,27 @@ def folded(drafter: DSparkDrafter, scale: torch.Tensor | None):
         yield drafter
     finally:
         drafter.fc.weight.data.copy_(original)
+
+
+@torch.no_grad()
+def grow_layers(drafter: DSparkDrafter, num_layers: int, target_model) -> DSparkDrafter:
+    """A copy of ``drafter`` with ``num_layers`` layers: its own first, then layers initialised from the target's
+    top layers with ``o_proj`` and ``down_proj`` zero (the residual passes through them unchanged), so the grown
+    drafter drafts exactly what ``drafter`` did until training moves them."""
+    have = len(drafter.layers)
+    if num_layers <= have:
+        raise ValueError(f"grow_layers: num_layers={num_layers}: expected more than the drafter's {have}")
+    grown = DSparkDrafter(dataclasses.replace(drafter.cfg, num_hidden_layers=num_layers))
+    missing, unexpected = grown.load_state_dict(drafter.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("layers.") for k in missing), (missing, unexpected)
+    layers = _target_layers(target_model)
+    for i in range(have, num_layers):
+        theirs = dict(layers[len(layers) - num_layers + i].named_parameters())
+        for name, p in grown.layers[i].named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+            elif name in theirs and theirs[name].shape == p.shape:
+                p.copy_(theirs[name].float())
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(1.0)
+    return grown.to(next(drafter.parameters()).dtype)
