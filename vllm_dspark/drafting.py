@@ -63,10 +63,15 @@ def draft_block(
     topk: int = 0,  # 0 = dense Markov head; k > 0 = bias only the top-k base candidates
     return_q: bool = False,
     block_drafts: int | None = None,  # draft slots the backbone runs (default num_drafts); first num_drafts kept
+    prefix: list[list[int]] | None = None,  # per request, its first drafts, given (target ids, < num_drafts)
 ) -> DraftBlock:
     """``block_drafts`` > ``num_drafts``: the backbone runs the longer block and its first ``num_drafts``
     rows are kept. Attention inside a block is non-causal, so a shorter block changes every row's output:
-    running the trained block and cutting it drafts what the drafter was trained to draft."""
+    running the trained block and cutting it drafts what the drafter was trained to draft.
+
+    ``prefix`` (a splice): request b's first m_b drafts are given (copied from its text, say); the Markov head
+    continues from them, as it continues from its own draws, over the backbone rows m_b.. (the backbone does not
+    see drafts, only the anchor). The given positions have q one-hot and a confidence logit of +30."""
     cfg = drafter.cfg
     bsz = anchor.shape[0]
     device = anchor.device
@@ -87,13 +92,17 @@ def draft_block(
     if drafter.confidence_head is not None:
         conf_w_h, conf_w_e, conf_b = drafter.confidence_head.split_weights(cfg.hidden_size)
 
+    shift = _Shift(prefix, anchor, num_drafts) if prefix is not None and any(prefix) else None
+    start = anchor
+    if shift is not None:  # row j of the sequential head is backbone row m_b + j, its first input the last given
+        base, h, start = shift.forward(base), shift.forward(h), shift.start
     if drafter.markov_head is not None:
         w1, w2 = drafter.markov_head.markov_w1.weight, drafter.markov_head.markov_w2.weight
     else:  # the Markov-less ablation: a zero bias of rank 1 keeps one sampling path for both
         w1 = base.new_zeros((cfg.vocab_size, 1))
         w2 = base.new_zeros((cfg.draft_vocab, 1))
         conf_w_e = None
-    out = markov_head(base, w1, w2, anchor, temperature.float(), seed, topk=topk,
+    out = markov_head(base, w1, w2, start, temperature.float(), seed, topk=topk,
                       conf_w=None if conf_w_e is None else conf_w_e.float(), return_q=return_q, d2t=drafter.d2t)
     tokens, q, q_ids = drafter.to_target_ids(out.tokens), out.q, out.q_ids
     if drafter.d2t is not None:  # hand the target only target ids: q over the target vocabulary
@@ -106,4 +115,38 @@ def draft_block(
         logit = h.float() @ conf_w_h.float() + conf_b.float()  # [B, g]
         if out.conf_markov is not None:
             logit = logit + out.conf_markov
-    return DraftBlock(tokens, logit, q, out.q_probs, q_ids)
+    if shift is None:
+        return DraftBlock(tokens, logit, q, out.q_probs, q_ids)
+    if return_q:
+        q = shift.back(DraftBlock(tokens, None, q, out.q_probs, q_ids).dense_q(cfg.vocab_size),
+                       torch.nn.functional.one_hot(shift.given, cfg.vocab_size).float())
+    return DraftBlock(shift.back(tokens, shift.given), None if logit is None else
+                      shift.back(logit, torch.full_like(logit, 30.0)), q)
+
+
+class _Shift:
+    """Splice bookkeeping: request b's rows m_b.. of the block move to the front for the sequential head, and
+    back behind its m_b given tokens afterwards."""
+
+    def __init__(self, prefix: list[list[int]], anchor: torch.Tensor, g: int):
+        dev = anchor.device
+        if any(len(p) >= g for p in prefix):
+            raise ValueError(f"draft_block: prefix lengths {[len(p) for p in prefix]}: expected < num_drafts={g}")
+        self.m = torch.tensor([len(p) for p in prefix], dtype=torch.int64, device=dev)
+        j = torch.arange(g, device=dev)[None, :]
+        self.fwd = (self.m[:, None] + j).clamp(max=g - 1)  # [B, g]; rows past g - m_b are padding
+        self.bwd = (j - self.m[:, None]).clamp(min=0)
+        self.keep = j >= self.m[:, None]  # [B, g]: drafted, not given
+        self.given = torch.tensor([p + [0] * (g - len(p)) for p in prefix], dtype=torch.int64, device=dev)
+        self.start = torch.where(self.m > 0, self.given.gather(1, (self.m - 1).clamp(min=0)[:, None])[:, 0], anchor)
+
+    @staticmethod
+    def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, idx.view(*idx.shape, *[1] * (x.dim() - 2)).expand(*idx.shape, *x.shape[2:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._take(x, self.fwd)
+
+    def back(self, x: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+        keep = self.keep.view(*self.keep.shape, *[1] * (x.dim() - 2))
+        return torch.where(keep, self._take(x, self.bwd), given.to(x.dtype))

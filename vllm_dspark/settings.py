@@ -44,16 +44,12 @@ class DSparkSettings:
     # policy.SpeedPolicy.
     probe_interval: int = 32
     probe_interval_max: int = 1024
-    # Prompt lookup (vllm_dspark.lookup): a greedy request whose text has an earlier occurrence of its last
-    # lookup_min..lookup_max tokens drafts the tokens that followed it instead of running the drafter (vLLM's
-    # ngram rule). Its survival for the load-aware policy is the lookup drafts' measured acceptance. Off by
-    # default: it measures the text's repetitiveness, not the drafter (eval and calibrate keep it off).
-    lookup: bool = False
-    lookup_min: int = 2
-    lookup_max: int = 4
-    # ... only in batches of at most this many requests: under load its drafts cost more than they save on CPU
-    # (the README's bench history has the numbers).
-    lookup_max_batch: int = 2
+    # Where drafts come from (vllm_dspark.suffix): "hybrid" = per request, the policy picks a suffix draft (copied
+    # from the request's text or a recent output; no drafter time), the drafter, or a splice of both, whichever it
+    # expects to pay best; "drafter" = the drafter alone (eval and calibrate measure it so); "suffix" = copying alone.
+    sources: str = "hybrid"
+    # Tokens of recent finished outputs kept for suffix drafts (the oldest half goes when full).
+    suffix_cache_tokens: int = 1 << 18
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
     record: bool = False
@@ -65,6 +61,10 @@ class DSparkSettings:
             raise DSparkConfigError('additional_config["dspark"]: missing; expected {"drafter": "<drafter dir>", ...} '
                                     "(e.g. --additional-config '{\"dspark\": {\"drafter\": \"DIR\"}}')")
         known = {f.name for f in fields(cls)}
+        removed = sorted(set(raw) & set(REMOVED))
+        if removed:
+            raise DSparkConfigError(f'additional_config["dspark"]["{removed[0]}"]: no longer a setting: '
+                                    f"{REMOVED[removed[0]]}")
         unknown = sorted(set(raw) - known)
         if unknown:
             hints = [f"{k!r} (did you mean {nearest!r}?)" if (nearest := nearest_key(k, known)) else repr(k)
@@ -134,14 +134,16 @@ RULES: dict[str, Int | Bool | Choice | Text] = {
     "mode": Choice("adaptive", "fixed"),
     "probe_interval": Int(min=1),
     "probe_interval_max": Int(min=1),
-    "lookup": Bool(),
-    "lookup_min": Int(min=1),
-    "lookup_max": Int(min=1),
-    "lookup_max_batch": Int(min=1),
+    "sources": Choice("hybrid", "drafter", "suffix"),
+    "suffix_cache_tokens": Int(min=0),
     "record": Bool(),
 }
 # (field, other): field must be >= other; checked after RULES, so both are integers by then.
-AT_LEAST: list[tuple[str, str]] = [("lookup_max", "lookup_min"), ("probe_interval_max", "probe_interval")]
+AT_LEAST: list[tuple[str, str]] = [("probe_interval_max", "probe_interval")]
+# Settings that were removed, with what replaced them.
+REMOVED: dict[str, str] = {key: "prompt lookup is now suffix drafting, on by default (sources = hybrid; "
+                                "sources = drafter turns it off)"
+                           for key in ("lookup", "lookup_min", "lookup_max", "lookup_max_batch")}
 
 
 # One line per setting, for `vllm-dspark serve --help` (the README's table says more).
@@ -157,10 +159,8 @@ HELP: dict[str, str] = {
     "head_dtype": "drafter LM head dtype: auto | same | float32 | bfloat16 | float16 (auto: bfloat16 on CPU)",
     "full_block": "run the drafter's whole trained block and keep the first k drafts (false: a block of k slots)",
     "prefix_cache_mb": "memory for drafter context kept per prefix-cache block",
-    "lookup": "prompt lookup for greedy requests whose text repeats, in small batches",
-    "lookup_min": "prompt lookup: shortest n-gram matched",
-    "lookup_max": "prompt lookup: longest n-gram matched",
-    "lookup_max_batch": "prompt lookup only in batches of at most this many requests",
+    "sources": "hybrid = per request a suffix draft (copied), the drafter or both, as pays best; drafter; suffix",
+    "suffix_cache_tokens": "tokens of recent finished outputs kept for suffix drafts",
     "record": "keep every proposal and round in memory (tests, eval; grows without bound)",
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from vllm_dspark.checkpoint import init_drafter
@@ -149,10 +150,13 @@ def test_bench_method_names():
     assert adaptive["speculative_config"]["num_speculative_tokens"] == 5
     assert "mode" not in adaptive["additional_config"]["dspark"]  # the plugin's default: adaptive
     assert method_kwargs("ngram-k2", args)["speculative_config"]["num_speculative_tokens"] == 2
-    assert method_kwargs("dspark-lookup", argparse.Namespace(drafter="/d", ablation=None, k=7))[
-        "additional_config"]["dspark"] == {
-        "drafter": "/d", "record": False, "lookup": True}
-    assert method_kwargs("dspark-lookup-k4", args)["additional_config"]["dspark"] == dict(fixed, lookup=True)
+    assert method_kwargs("dspark-suffix", argparse.Namespace(drafter="/d", ablation=None, k=7))[
+        "additional_config"]["dspark"] == {"drafter": "/d", "record": False, "sources": "suffix"}
+    assert method_kwargs("dspark-suffix-k4", args)["additional_config"]["dspark"] == dict(fixed, sources="suffix")
+    assert method_kwargs("dspark-drafter-k4", args)["additional_config"]["dspark"] == fixed  # fixed K: the drafter
+    with_k = argparse.Namespace(drafter="/d", ablation=None, k=7)
+    assert method_kwargs("dspark-drafter", with_k)["additional_config"]["dspark"]["sources"] == "drafter"
+    assert "sources" not in method_kwargs("dspark", with_k)["additional_config"]["dspark"]  # default: hybrid
     assert method_kwargs("none", args) == {} and method_kwargs("none@b", args) == {}
     assert method_kwargs("dspark-k3@2", args) == method_kwargs("dspark-k3", args)
     from vllm_dspark.eval.bench import cell_prompts
@@ -172,13 +176,14 @@ def test_report_accounting_with_acceptance(tmp_path):
     from vllm_dspark.calibration import save_calibration
 
     (tmp_path / "config.json").write_text(json.dumps({"markov_rank": 16}))
-    rounds = [(0, 3, 3, [0.9, 0.8, 0.7]), (1, 3, 2, [0.9, 0.5, 0.4]), (0, 3, 0, [0.2, 0.3, 0.3]),
-              (1, 2, 2, [0.8, 0.8])]
+    rounds = [(0, 3, 3, [0.9, 0.8, 0.7], "drafter"), (1, 3, 2, [0.9, 0.5, 0.4], "drafter"),
+              (0, 3, 0, [0.2, 0.3, 0.3], "drafter"), (1, 2, 2, [0.8, 0.8], "drafter")]
     vllm = {"num_drafts": 4, "num_draft_tokens": 11, "num_accepted_tokens": 7, "accepted_per_pos": [3, 3, 1]}
     run = EvalRun("x", str(tmp_path), 3, ["math", "writing"], rounds, vllm, True, 0, 1.0)
     entry, bins = drafter_report(run)
     assert entry["tau"] == pytest.approx((4 + 3 + 1 + 3) / 4)
     assert entry["per_category_tau"] == {"math": pytest.approx(2.5), "writing": pytest.approx(3.0)}
+    assert entry["per_source_tau"] == {"drafter": pytest.approx(11 / 4)}
     assert entry["acceptance_conditional"] == pytest.approx([3 / 4, 3 / 3, 1 / 2])
     assert entry["acceptance_survival"] == pytest.approx([3 / 4, 3 / 4, 1 / 3])
     assert entry["our_counters"] == vllm and entry["counters_agree"] is True
@@ -192,3 +197,20 @@ def test_report_accounting_with_acceptance(tmp_path):
     assert entry["counters_agree"] is False and entry["counters_agree_by_field"]["accepted_per_pos"] is False
     assert entry["calibration"]["temperatures"] == [2.0, 1.0, 0.5] and set(bins) == {"raw", "calibrated"}
     assert len(entry["calibration"]["calibrated"]["ece"]) == 3
+
+
+def test_report_tau_per_source_and_calibration_from_the_drafters_rounds_only(tmp_path):
+    """A hybrid run: tau per source; the confidence calibration sees the drafter's own rounds only."""
+    from vllm_dspark.eval.evaluate import EvalRun, confidence_arrays, drafter_report
+
+    rounds = [(0, 3, 3, [0.9, 0.8, 0.7], "drafter"), (1, 4, 4, [], "suffix"), (0, 3, 1, [], "splice"),
+              (1, 2, 0, [0.3, 0.2], "drafter"), (0, 2, 1, [], "suffix")]
+    vllm = {"num_drafts": 5, "num_draft_tokens": 14, "num_accepted_tokens": 9, "accepted_per_pos": [4, 2, 2, 1]}
+    run = EvalRun("x", str(tmp_path), 4, ["math", "writing"], rounds, vllm, True, 0, 1.0)
+    entry, _ = drafter_report(run)
+    assert entry["per_source_tau"] == {"drafter": pytest.approx(2.5), "suffix": pytest.approx(3.5),
+                                       "splice": pytest.approx(2.0)}
+    assert entry["counters_agree"] is True
+    z, drafted, accepted = confidence_arrays(run)
+    assert drafted.tolist() == [3, 2] and accepted.tolist() == [3, 0]
+    assert z[1, :2] == pytest.approx(np.log([0.3, 0.2]) - np.log1p(-np.array([0.3, 0.2])))

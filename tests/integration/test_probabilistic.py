@@ -226,7 +226,7 @@ def first_round_accepted(prop, req_ids: list[str]) -> np.ndarray:
     """Per request (in req_ids order): drafts accepted in its first verification round (drafted right after
     prefill, anchored on the first output token, with the prompt as context)."""
     first: dict[str, int] = {}
-    for req_id, drafted, accepted, _ in prop.stats.round_log:
+    for req_id, drafted, accepted, _, _ in prop.stats.round_log:
         if req_id not in first:
             assert drafted == K, (req_id, drafted)
             first[req_id] = accepted
@@ -389,5 +389,5 @@ def test_a_seeded_request_repeats_alone_in_a_busy_batch_and_after_a_restart(vllm
     assert busy == alone and again == alone and restarted == alone
     # It really speculated: full blocks every step, drafts verified (and, sampled with q, some accepted).
     assert mine and all(len(r["drafts"]) == K for r in mine if r["position"] + 1 + K <= 256)
-    assert sum(drafted for _, drafted, _, _ in rounds) >= 3 * 8 * K
-    assert sum(accepted for _, _, accepted, _ in rounds) > 0 or not probabilistic
+    assert sum(drafted for _, drafted, _, _, _ in rounds) >= 3 * 8 * K
+    assert sum(accepted for _, _, accepted, _, _ in rounds) > 0 or not probabilistic

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+from itertools import zip_longest
 
 import numpy as np
 import pytest
@@ -152,37 +153,40 @@ def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
     _close(llm)
 
 
-@pytest.mark.parametrize("mode", ["adaptive", "fixed"])
-def test_prompt_lookup_drafts_stay_lossless_and_are_counted(vllm_env, drafters, mode):
-    """lookup=true: requests whose text repeats draft by copying (no drafter run for them), the others from the
-    drafter; greedy output unchanged, the tokens drafted are exactly what the text's earlier occurrence held,
-    and our per-position counts still agree with vLLM's."""
-    from vllm_dspark.lookup import prompt_lookup
-
+@pytest.mark.parametrize("sources,mode", [("hybrid", "adaptive"), ("suffix", "fixed")])
+def test_suffix_drafts_stay_lossless_and_are_counted_by_source(vllm_env, drafters, sources, mode):
+    """Hybrid drafting: requests whose text repeats get drafts copied from it (alone, or spliced before the
+    drafter's), the others the drafter's; sources=suffix never runs the drafter. Greedy output unchanged, every
+    copied draft starts with a token that followed an earlier occurrence of the text's last two tokens, and the
+    counts per source add up to vLLM's."""
     target, drafter_dir = drafters["qwen3"]
     prompts = [SHARED + "and the water was good and the day was long and the water was"] + _prompts(3)
     base = _generate(_llm(target, enable_prefix_caching=False), prompts, max_tokens=32)
     gc.collect()
-    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"lookup": True, "mode": mode, "lookup_max_batch": 8})
+    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"sources": sources, "mode": mode})
     spec = _generate(llm, prompts, max_tokens=32)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
     prop = _proposer(llm)
-    sources = {r["source"] for r in prop.records}
-    assert sources == {"drafter", "lookup"}, sources
+    kinds = {r["source"] for r in prop.records if r["drafts"]}
+    assert "suffix" in kinds and kinds <= ({"drafter", "suffix", "splice"} if sources == "hybrid" else {"suffix"})
     from vllm_dspark.integration.compat import external_request_id
 
     seqs = {o.request_id: list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in spec}
-    for rec in prop.records:
-        if rec["source"] == "lookup":
-            text = seqs[external_request_id(rec["req_id"])][: rec["position"] + 1]
-            assert text[-1] == rec["anchor"]
-            full = prompt_lookup(np.array(text), 2, 4, 3)
-            assert rec["drafts"] and rec["drafts"] == full[: len(rec["drafts"])]
-    assert prop.stats.lookup_rounds > 0 and 0 <= prop.stats.lookup_accepted <= prop.stats.lookup_drafted
+    copied = [r for r in prop.records if r["source"] in ("suffix", "splice") and r["drafts"]]
+    for rec in copied:
+        text = seqs[external_request_id(rec["req_id"])][: rec["position"] + 1]
+        assert text[-1] == rec["anchor"]
+        followers = {text[i + 1] for i in range(1, len(text) - 1) if text[i - 1:i + 1] == text[-2:]}
+        followers |= {t for out in seqs.values() for i, t in enumerate(out[2:], 2) if out[i - 2:i] == text[-2:]}
+        assert rec["drafts"][0] in followers, rec
     counters = _spec_counters(llm)
     assert counters["vllm:spec_decode_num_draft_tokens"] == sum(prop.stats.drafted_at)
     assert counters["vllm:spec_decode_num_accepted_tokens"] == sum(prop.stats.accepted_at)
-    assert len(prop.stats.round_log) == prop.stats.num_rounds - prop.stats.lookup_rounds  # drafter rounds only
+    assert sum(prop.stats.kind_rounds.values()) == prop.stats.num_rounds == len(prop.stats.round_log)
+    assert [sum(x) for x in zip_longest(*prop.stats.source_drafted.values(), fillvalue=0)] == prop.stats.drafted_at
+    assert prop.stats.kind_rounds.get("suffix", 0) > 0
+    if sources == "suffix":
+        assert set(prop.stats.kind_rounds) == {"suffix"}
     _close(llm)
 
 
@@ -245,7 +249,8 @@ def test_steps_without_drafts_use_the_plain_sampler(vllm_env, drafters, monkeypa
     set_batch = DSparkProposer.set_batch
     monkeypatch.setattr(DSparkProposer, "set_batch",
                         lambda self, req_ids, metadata, budget, seeds=None: set_batch(self, req_ids, metadata, budget))
-    llm = _llm(target, drafter_dir, enable_prefix_caching=False)
+    # copying (suffix drafts) would still draft while the drafter pauses: the drafter alone here
+    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"sources": "drafter"})
     spec = llm.generate(prompts, params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
     assert _proposer(llm).stats.drafted_requests == 0

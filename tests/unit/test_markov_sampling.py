@@ -216,3 +216,40 @@ def test_full_block_then_cut_drafts_the_first_g_tokens_of_the_full_block(sample_
         short = draft_block(m, ctx, torch.tensor(ANCHORS), g, **kw)
         short_differs |= not torch.allclose(short.confidence_logit, full.confidence_logit[:, :g])
     assert short_differs
+
+
+# ------------------------------------------------------------------------------------------------- splice
+def test_splice_continues_the_markov_chain_from_the_given_tokens():
+    """prefix (a splice): request b's first m_b drafts are given; the chain goes on from its last given token over
+    the backbone rows m_b.. (logits_{m+j} = U_{m+j} + w2 w1[x_{m+j-1}]), the given positions have q one-hot and a
+    confidence logit of +30, and requests without a prefix draft as before."""
+    m, ctx, h, U, g = make_case()
+    prefix = [[7, 3], [], [1], [4, 4, 4]]
+    seed = torch.tensor([11, 12, 13, 7], dtype=torch.int64)
+    block = draft_block(m, ctx, torch.tensor(ANCHORS), g, prefix=prefix, return_q=True, seed=seed)
+    plain = draft_block(m, ctx, torch.tensor(ANCHORS), g)
+    w = m.confidence_head.proj.weight[0].detach().double()
+    bias, H = float(m.confidence_head.proj.bias.detach()[0]), m.cfg.hidden_size
+    w1, _ = weights(m)
+    for b, given in enumerate(prefix):
+        assert block.tokens[b, :len(given)].tolist() == given
+        x = given[-1] if given else ANCHORS[b]
+        for k in range(len(given), g):
+            want = int(logits_by_hand(m, U, b, k, x).argmax())
+            assert int(block.tokens[b, k]) == want, (b, k)
+            logit = float(w_h_dot(w[:H], h[b, k])) + bias + float(w[H:] @ w1[x])
+            assert abs(float(block.confidence_logit[b, k]) - logit) < 1e-4, (b, k)
+            x = want
+        assert torch.all(block.confidence_logit[b, :len(given)] == 30.0)
+        q = block.dense_q(m.cfg.vocab_size)[b]
+        for k, t in enumerate(given):
+            assert float(q[k, t]) == 1.0 and float(q[k].sum()) == 1.0
+    assert torch.equal(block.tokens[1], plain.tokens[1])  # no prefix: unchanged
+    # the given tokens steer the chain: somewhere it differs from the drafter's own after the same positions
+    assert any(not torch.equal(block.tokens[b, len(p):], plain.tokens[b, len(p):]) for b, p in enumerate(prefix) if p)
+    with pytest.raises(ValueError, match=r"prefix lengths \[4, 0, 0, 0\]: expected < num_drafts=4"):
+        draft_block(m, ctx, torch.tensor(ANCHORS), 4, prefix=[[1, 2, 3, 4], [], [], []])
+
+
+def w_h_dot(w_h, h_row):
+    return w_h @ h_row.double()

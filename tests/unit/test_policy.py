@@ -111,8 +111,9 @@ def test_step_cost_parts_add_up_to_what_was_measured():
         cost.observe(StepReport(period=fwd + dr + rest, forward=fwd, tokens=tokens, batch=b, verified=spec,
                                 drafter=dr, drafted=b if spec else 0))
     # an independent sum of the engine's parts, at sizes the fit saw and one it extrapolates to
-    for tokens, b, drafted in [(8, 2, 2), (3, 3, 0), (40, 8, 8)]:
-        rest = engine.rest_spec if drafted else engine.rest_plain
+    # (12, 4, 0): drafts that cost the drafter nothing (copied) still make a speculative step
+    for tokens, b, drafted in [(8, 2, 2), (3, 3, 0), (40, 8, 8), (12, 4, 0)]:
+        rest = engine.rest_spec if drafted or tokens > b else engine.rest_plain
         truth = engine.forward(tokens) + (engine.drafter[0] + engine.drafter[1] * drafted if drafted else 0.0) \
             + rest[0] + rest[1] * b
         assert cost.seconds(tokens, b, drafted) == pytest.approx(truth, rel=0.02)

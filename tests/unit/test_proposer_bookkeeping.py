@@ -1,4 +1,4 @@
-"""The proposer's own bookkeeping, without an engine: requests it cannot draft for, prompt lookup's gate."""
+"""The proposer's own bookkeeping, without an engine: requests it cannot draft for, settings."""
 
 import numpy as np
 import pytest
@@ -30,21 +30,6 @@ def test_requests_without_context_are_counted_and_the_first_few_logged(caplog):
     assert lines[1].startswith("vllm-dspark: request b does not draft") and "were not delivered" in lines[1]
 
 
-def test_prompt_lookup_only_in_small_all_greedy_batches():
-    from vllm_dspark.integration.proposer import DSparkSettings
-
-    prop = _bare_proposer()
-    prop.settings = DSparkSettings(drafter="d", lookup=True, lookup_max_batch=2)
-    text = np.array([[5, 1, 2, 3, 9, 8, 7, 6, 1, 2, 3]] * 3)
-    n = np.array([11, 11, 11])
-    rows, caps = [0, 1, 2], [4, 2, 4]
-    assert prop._lookup([0, 1], rows, caps, [0.0] * 3, n, text) == {0: [9, 8, 7, 6], 1: [9, 8]}  # capped
-    assert prop._lookup([0, 1, 2], rows, caps, [0.0] * 3, n, text) == {}  # a batch of 3: the drafter serves it
-    assert prop._lookup([0, 1], rows, caps, [0.0, 0.7, 0.0], n, text) == {}  # a sampled request: q for all or none
-    prop.settings = DSparkSettings(drafter="d", lookup=False)
-    assert prop._lookup([0], rows, caps, [0.0] * 3, n, text) == {}
-
-
 def test_draft_pause_and_probe_settings_are_checked():
     from vllm_dspark.config import DSparkConfigError
     from vllm_dspark.integration.proposer import DSparkSettings
@@ -56,11 +41,30 @@ def test_draft_pause_and_probe_settings_are_checked():
     with pytest.raises(DSparkConfigError, match=r'\["probe_interval"\]=0: expected an integer >= 1'):
         DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "probe_interval": 0}})
     assert DSparkSettings.from_additional_config({"dspark": {"drafter": "d"}}).head_dtype == "auto"
-    with pytest.raises(DSparkConfigError, match=r'\["lookup"\]=\'yes\': expected true or false'):
-        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "lookup": "yes"}})
-    with pytest.raises(DSparkConfigError, match=r'\["lookup_max"\]=1: expected >= lookup_min \(2\)'):
-        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "lookup": True, "lookup_max": 1}})
-    with pytest.raises(DSparkConfigError, match=r'\["lookup_min"\]=0: expected an integer >= 1'):
-        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "lookup_min": 0}})
+    with pytest.raises(DSparkConfigError, match=r'\["sources"\]=\'copy\': expected hybrid\|drafter\|suffix'):
+        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "sources": "copy"}})
+    assert DSparkSettings.from_additional_config({"dspark": {"drafter": "d"}}).sources == "hybrid"
+    # the old prompt-lookup keys say what replaced them
+    with pytest.raises(DSparkConfigError, match=r'\["lookup"\]: no longer a setting: prompt lookup is now suffix '
+                                                r'drafting, on by default \(sources = hybrid; sources = drafter'):
+        DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "lookup": True}})
     with pytest.raises(DSparkConfigError, match=r'\["head_dtype"\]=\'int8\': expected auto\|same\|float32'):
         DSparkSettings.from_additional_config({"dspark": {"drafter": "d", "head_dtype": "int8"}})
+
+
+def test_copied_drafts_hand_one_hot_q_next_to_the_drafters():
+    """In a sampling batch vLLM takes q for every drafting request or for none: copied drafts get one-hot rows."""
+    import torch
+
+    from vllm_dspark.drafting import DraftBlock
+
+    prop = _bare_proposer(k=3)
+    prop.cfg = type("Cfg", (), {"vocab_size": 6})()
+    q = torch.softmax(torch.randn(1, 3, 6), -1)
+    block = DraftBlock(torch.tensor([[1, 2, 3]]), None, q=q)
+    probs, ids = prop._draft_probs(block, ["a"], [("b", [4, 0]), ("c", [5, 5, 5])], 3)
+    assert ids == ["a", "b", "c"] and probs.shape == (3, 3, 6)
+    assert torch.equal(probs[0], q[0])
+    assert probs[1].argmax(-1).tolist()[:2] == [4, 0] and probs[1, :2].sum().item() == 2.0
+    assert probs[1, 2].sum().item() == 0.0  # past the copied draft: never read (vLLM reads num_draft rows)
+    assert probs[2].argmax(-1).tolist() == [5, 5, 5] and (probs[2].max(-1).values == 1.0).all()

@@ -28,10 +28,10 @@ Design (what makes the numbers comparable):
   rounds), which stay per engine where Prometheus counters would be shared by all engines in the process.
 
 Methods are a registry ``name -> engine kwargs`` (:data:`METHODS`): ``none``, ``ngram`` (K=4, lookup 2-4),
-``dspark`` (plugin defaults: load-aware block lengths when the drafter has a confidence head, at most K),
-``dspark-kN`` (always N drafts: fixed K = N), ``dspark-adaptive-kN`` (load-aware with at most N), and the same
-for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``), ``dspark-lookup[-kN]`` (DSpark with
-prompt lookup for greedy requests whose text repeats). ``ngram-kN`` sets ngram's K.
+``dspark`` (plugin defaults: hybrid drafting, load-aware block lengths when the drafter has a confidence head, at
+most K), ``dspark-drafter`` / ``dspark-suffix`` (one source alone: the drafter, or copying), ``dspark-kN`` (the
+drafter, always N drafts: fixed K = N), ``dspark-adaptive-kN`` (load-aware with at most N), and the drafter alone
+for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``). ``ngram-kN`` sets ngram's K.
 E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
 ``NAME@LABEL`` runs another engine of method NAME (``--methods none,none@b,dspark``: the A/A ratio none@b / none
 is the bench's own noise).
@@ -80,21 +80,23 @@ def _dspark_from(option: str, **settings: Any) -> Callable[[argparse.Namespace, 
 METHODS: dict[str, Callable[[argparse.Namespace, int | None], dict]] = {
     "none": _none,
     "ngram": _ngram,
-    # The plugin's defaults: load-aware block lengths when the drafter has a confidence head.
+    # The plugin's defaults: hybrid drafting (per request a suffix draft, the drafter or a splice), load-aware
+    # block lengths when the drafter has a confidence head.
     "dspark": _dspark_from("drafter"),
     "dspark-adaptive": _dspark_from("drafter"),  # explicit name for "dspark-adaptive-kN"
-    "dspark-fixed": _dspark_from("drafter", mode="fixed"),  # always K drafts
-    # A markov_rank=0 drafter (DFlash-style), same modes.
-    "dspark-ablation": _dspark_from("ablation"),
-    "dspark-ablation-adaptive": _dspark_from("ablation"),
-    "dspark-ablation-fixed": _dspark_from("ablation", mode="fixed"),
-    # With prompt lookup: greedy requests whose text repeats draft by copying it (vllm_dspark.lookup).
-    "dspark-lookup": _dspark_from("drafter", lookup=True),
-    "dspark-lookup-fixed": _dspark_from("drafter", lookup=True, mode="fixed"),
+    "dspark-fixed": _dspark_from("drafter", mode="fixed"),  # always K drafts, the drafter's
+    # One source alone, load-aware: the drafter (its quality), or copying (suffix drafts; the drafter never runs).
+    "dspark-drafter": _dspark_from("drafter", sources="drafter"),
+    "dspark-suffix": _dspark_from("drafter", sources="suffix"),
+    "dspark-suffix-fixed": _dspark_from("drafter", sources="suffix", mode="fixed"),
+    # A markov_rank=0 drafter (DFlash-style), alone, same modes.
+    "dspark-ablation": _dspark_from("ablation", sources="drafter"),
+    "dspark-ablation-adaptive": _dspark_from("ablation", sources="drafter"),
+    "dspark-ablation-fixed": _dspark_from("ablation", sources="drafter", mode="fixed"),
 }
 # "dspark-kN" means fixed K = N (issue naming: adaptive is "dspark", fixed K runs are "dspark-k3", "dspark-k7").
-_FIXED_WITH_K = {"dspark": "dspark-fixed", "dspark-ablation": "dspark-ablation-fixed",
-                 "dspark-lookup": "dspark-lookup-fixed"}
+_FIXED_WITH_K = {"dspark": "dspark-fixed", "dspark-drafter": "dspark-fixed", "dspark-ablation": "dspark-ablation-fixed",
+                 "dspark-suffix": "dspark-suffix-fixed"}
 _K_SUFFIX = re.compile(r"^(?P<base>.+)-k(?P<k>[1-9][0-9]*)$")
 
 
@@ -237,7 +239,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="comma-separated, from " + ", ".join(METHODS) + " (+ -kN suffix); default: none,ngram,"
                          "dspark (+ dspark-ablation with --ablation)")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated maximum requests in flight")
-    ap.add_argument("--prompts", default="mtbench", help="mtbench | FILE (turn-1 prompts)")
+    ap.add_argument("--prompts", default="mtbench", help="mtbench | copy | FILE (turn-1 prompts)")
     ap.add_argument("--num-prompts", type=int, default=16, help="prompts per cell (closed loop)")
     ap.add_argument("--min-prompts", type=int, default=0,
                     help="cells at concurrency c use min(--num-prompts, max(this, 2c)) prompts, so c=1 cells do "
@@ -320,6 +322,8 @@ def main(argv: list[str]) -> int:
         groups = [(r, c) for r in range(args.rounds) for c in conc]
         for r, c in tqdm(groups, desc="bench (round, concurrency), methods in time slices"):
             order = names[r % len(names):] + names[:r % len(names)]  # who goes first rotates
+            for n in order:
+                forget_outputs(engines[n])
             results = generate_interleaved({n: engines[n] for n in order}, token_prompts[: cell_prompts(args, c)],
                                            params, c, args.slice_seconds)
             for n in names:
@@ -328,6 +332,7 @@ def main(argv: list[str]) -> int:
         cells = [(r, c, n) for r in range(args.rounds) for c in conc for n in names]
         for r, c, n in tqdm(cells, desc="bench cells (round, concurrency, method)"):
             llm = engine(n)
+            forget_outputs(llm)
             record(r, c, n, *generate_closed_loop(llm, token_prompts[: cell_prompts(args, c)], params, c))
             if args.rebuild:
                 del llm
@@ -351,6 +356,16 @@ def main(argv: list[str]) -> int:
     print(format_table(report))
     print(f"report: {out / 'report.json'}")
     return 0 if report["outputs_identical"] else 1
+
+
+def forget_outputs(llm) -> None:
+    """Every cell (and the warm-up) generates the same prompts: a suffix cache holding their earlier answers would
+    copy them whole. Each cell starts with an empty one (what the engine learned about costs and acceptance stays)."""
+    from vllm_dspark.integration.compat import proposer_of
+
+    proposer = proposer_of(llm)
+    if proposer is not None and hasattr(proposer, "suffix"):
+        proposer.suffix.forget_outputs()
 
 
 def cell_prompts(args: argparse.Namespace, concurrency: int) -> int:

@@ -1,6 +1,6 @@
 """`vllm-dspark eval` and `vllm-dspark calibrate`: acceptance of DSpark drafters inside a real vLLM engine.
 
-    vllm-dspark eval --target DIR --drafter DIR [--drafter DIR2 ...] [--label NAME ...] [--prompts mtbench|FILE]
+    vllm-dspark eval --target DIR --drafter DIR [--drafter DIR2 ...] [--label NAME ...] [--prompts mtbench|copy|FILE]
                      [--turn 1|2] [--max-tokens 256] [--temperature 0] [-k K] [--num-prompts N]
                      [--mode fixed|adaptive] [--dspark-settings JSON] --out DIR
     vllm-dspark calibrate --target DIR --drafter DIR [same prompt flags] [--out DIR]
@@ -122,7 +122,9 @@ class EvalRun:
     drafter: str
     k: int
     categories: list[str]  # per prompt
-    rounds: list[tuple[int, int, int, list[float]]]  # (prompt index, drafted, accepted, confidences) per round
+    # (prompt index, drafted, accepted, confidences, kind) per round; kind: where its drafts came from ("drafter",
+    # or with sources = hybrid/suffix "suffix" and "splice"), confidences only for the drafter's own
+    rounds: list[tuple[int, int, int, list[float], str]]
     vllm_counters: dict
     per_request_agree: bool
     generated_tokens: int
@@ -147,7 +149,9 @@ def run_drafter(target: str, drafter: str, label: str, prompts: list[Prompt], ar
     from vllm_dspark.integration.compat import proposer_of
 
     k = args.k or default_k(drafter)
-    spec = dspark_spec(drafter, k, record=True, settings={"mode": args.mode, **parse_settings(args.dspark_settings)})
+    # The drafter alone unless --dspark-settings says otherwise: eval measures the drafter's quality.
+    settings = {"mode": args.mode, "sources": "drafter", **parse_settings(args.dspark_settings)}
+    spec = dspark_spec(drafter, k, record=True, settings=settings)
     llm = build_llm(target, args, per_request_spec_decode_metrics="detailed", **spec)
     proposer = proposer_of(llm)
     if proposer is None:
@@ -170,12 +174,12 @@ def run_drafter(target: str, drafter: str, label: str, prompts: list[Prompt], ar
     index = {o.request_id: i for i, o in enumerate(outputs)}
     rounds, unmatched = [], 0
     per_req: list[list[tuple[int, int]]] = [[] for _ in prompts]
-    for req_id, drafted, accepted, conf in proposer.stats.round_log[start_log:]:
+    for req_id, drafted, accepted, conf, kind in proposer.stats.round_log[start_log:]:
         i = _prompt_index(req_id, index)
         if i is None:
             unmatched += 1
             continue
-        rounds.append((i, drafted, accepted, conf))
+        rounds.append((i, drafted, accepted, conf, kind))
         per_req[i].append((drafted, accepted))
     agree = unmatched == 0
     for i, o in enumerate(outputs):
@@ -205,15 +209,17 @@ def our_counters(run: EvalRun) -> dict:
 
 
 def confidence_arrays(run: EvalRun) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """-> (z [N, K] confidence logits, drafted [N], accepted [N]); None without confidences (no head)."""
-    if not run.rounds or any(len(r[3]) != r[1] for r in run.rounds):
+    """-> (z [N, K] confidence logits, drafted [N], accepted [N]) of the drafter's own rounds; None without
+    confidences (no head)."""
+    rounds = [r for r in run.rounds if r[4] == "drafter"]
+    if not rounds or any(len(r[3]) != r[1] for r in rounds):
         return None
-    conf = np.full((len(run.rounds), run.k), 0.5)
-    for i, (_, drafted, _, c) in enumerate(run.rounds):
+    conf = np.full((len(rounds), run.k), 0.5)
+    for i, (_, drafted, _, c, _) in enumerate(rounds):
         conf[i, :drafted] = c
     conf = np.clip(conf, 1e-7, 1 - 1e-7)
-    drafted = np.asarray([r[1] for r in run.rounds], dtype=np.int64)
-    accepted = np.asarray([r[2] for r in run.rounds], dtype=np.int64)
+    drafted = np.asarray([r[1] for r in rounds], dtype=np.int64)
+    accepted = np.asarray([r[2] for r in rounds], dtype=np.int64)
     return np.log(conf) - np.log1p(-conf), drafted, accepted
 
 
@@ -267,6 +273,7 @@ def drafter_report(run: EvalRun) -> tuple[dict, dict]:
         "acceptance_counts": {"drafted_at": stats.drafted_at.tolist(), "reached_at": stats.reached_at.tolist(),
                               "accepted_at": stats.accepted_at.tolist()},
         "per_category_tau": per_category_tau([run.categories[r[0]] for r in run.rounds], d, a),
+        "per_source_tau": per_category_tau([r[4] for r in run.rounds], d, a),
         "drafter_config": json.loads(config_path.read_text()) if config_path.is_file() else None,
         "our_counters": ours,
         "vllm_counters": run.vllm_counters,
@@ -368,7 +375,8 @@ def _parser(prog: str, many: bool) -> argparse.ArgumentParser:
                     help="drafter folder" + (" (repeat to compare several)" if many else ""))
     if many:
         ap.add_argument("--label", action="append", default=None, help="name per --drafter (default: folder name)")
-    ap.add_argument("--prompts", default="mtbench", help="mtbench | FILE (.jsonl {prompt|turns, category} or text)")
+    ap.add_argument("--prompts", default="mtbench",
+                    help="mtbench | copy | FILE (.jsonl {prompt|turns, category} or text)")
     ap.add_argument("--turn", type=int, choices=(1, 2), default=1, help="2 = second turn after the model's answer")
     ap.add_argument("--num-prompts", type=int, default=None, help="first N prompts (default: all)")
     ap.add_argument("--max-tokens", type=int, default=256, help="tokens generated per prompt")

@@ -11,6 +11,9 @@ Exported (K = draft positions):
 - ``vllm_dspark:drafted_tokens_total{position}`` / ``vllm_dspark:accepted_tokens_total{position}``: verified and
   accepted drafts per position (1-based); ``vllm_dspark:acceptance_conditional{position}``: P(k accepted |
   k-1 accepted); ``vllm_dspark:rounds_total``: verification rounds.
+- ``vllm_dspark:source_drafted_tokens_total{source,position}`` / ``source_accepted_tokens_total{source,position}``:
+  the same per source of the tokens (``drafter``, ``suffix``: copied); ``vllm_dspark:source_rounds_total{source}``:
+  rounds by where their drafts came from (``drafter``, ``suffix``, ``splice``).
 - ``vllm_dspark:block_length_total{length}``: how often each draft length was chosen (adaptive mode).
 - ``vllm_dspark:draft_seconds_total``, ``vllm_dspark:draft_steps_total``, ``vllm_dspark:drafter_ms_per_step``:
   drafter time (context update + drafting).
@@ -49,14 +52,16 @@ class ProposerStats:
     num_rounds: int = 0
     drafted_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
-    # With ``record``: one (req_id, drafted, accepted, confidences of the verified positions) per round, in
-    # verification order (req_id = vLLM's engine-internal request id, as in ``records``).
-    round_log: list[tuple[str, int, int, list[float]]] = field(default_factory=list)
-    # Rounds whose drafts came from prompt lookup (counted in num_rounds/drafted_at/accepted_at too, so that
-    # those agree with vLLM's counters; never in round_log, the drafter's calibration data).
-    lookup_rounds: int = 0
-    lookup_drafted: int = 0
-    lookup_accepted: int = 0
+    # With ``record``: one (req_id, drafted, accepted, confidences of the verified positions, kind) per round, in
+    # verification order (req_id = vLLM's engine-internal request id, as in ``records``; confidences only for
+    # the drafter's own rounds, kind "drafter").
+    round_log: list[tuple[str, int, int, list[float], str]] = field(default_factory=list)
+    # Per source of the draft tokens ("drafter", "suffix": copied), per position k: verified / accepted; and
+    # rounds per kind ("drafter", "suffix", "splice": copied tokens then the drafter's). All rounds count in
+    # num_rounds/drafted_at/accepted_at too (they agree with vLLM's counters).
+    source_drafted: dict[str, list[int]] = field(default_factory=dict)
+    source_accepted: dict[str, list[int]] = field(default_factory=dict)
+    kind_rounds: dict[str, int] = field(default_factory=dict)
 
     GAP_LOG_REQUESTS = 3  # requests whose missing context is logged (then only counted)
     _gap_logged: set[str] = field(default_factory=set)  # at most GAP_LOG_REQUESTS ids
@@ -81,14 +86,22 @@ class ProposerStats:
 
     @property
     def rounds(self) -> list[tuple[int, int, list[float]]]:
-        """``round_log`` without the request ids: (drafted, accepted, confidences) per round."""
+        """``round_log`` without the request ids: (drafted, accepted, confidences, kind) per round."""
         return [entry[1:] for entry in self.round_log]
 
     def observe_round(self, req_id: str, drafted: int, accepted: int, confidence: list[float] | None,
-                      keep: bool, lookup: bool = False) -> None:
-        if lookup:
-            self.lookup_rounds, self.lookup_drafted = self.lookup_rounds + 1, self.lookup_drafted + drafted
-            self.lookup_accepted += accepted
+                      keep: bool, kind: str = "drafter", copied: int = 0) -> None:
+        """One verified round: ``drafted`` drafts, the first ``accepted`` accepted, the first ``copied`` of them
+        copied (suffix drafts), the rest the drafter's."""
+        self.kind_rounds[kind] = self.kind_rounds.get(kind, 0) + 1
+        for k in range(drafted):
+            source = "suffix" if k < copied else "drafter"
+            d, a = self.source_drafted.setdefault(source, []), self.source_accepted.setdefault(source, [])
+            while len(d) <= k:
+                d.append(0)
+                a.append(0)
+            d[k] += 1
+            a[k] += k < accepted
         while len(self.drafted_at) < drafted:
             self.drafted_at.append(0)
             self.accepted_at.append(0)
@@ -97,7 +110,8 @@ class ProposerStats:
             self.drafted_at[k] += 1
             self.accepted_at[k] += k < accepted
         if keep:
-            self.round_log.append((req_id, drafted, accepted, list(confidence or [])[:drafted]))
+            conf = list(confidence or [])[:drafted] if kind == "drafter" else []
+            self.round_log.append((req_id, drafted, accepted, conf, kind))
 
 
 METRICS_DIR_ENV = "VLLM_DSPARK_METRICS_DIR"
@@ -123,7 +137,7 @@ def snapshot(proposer: Any) -> dict[str, Any]:
         "accepted_at": list(s.accepted_at), "length_hist": {str(k): v for k, v in s.length_hist.items()},
         "draft_seconds": s.draft_seconds + s.ingest_seconds, "steps": s.steps, "faults": s.faults,
         "skipped_no_context": s.skipped_gap, "active_requests": proposer.num_active_requests,
-        "lookup_rounds": s.lookup_rounds, "lookup_drafted": s.lookup_drafted, "lookup_accepted": s.lookup_accepted,
+        "source_drafted": s.source_drafted, "source_accepted": s.source_accepted, "kind_rounds": s.kind_rounds,
     }
 
 
@@ -170,7 +184,7 @@ def read_metrics(directory: str | Path | None = None) -> dict[str, Any]:
     directory = Path(directory or os.environ.get(METRICS_DIR_ENV) or "")
     total: dict[str, Any] = {"rounds": 0, "drafted_at": [], "accepted_at": [], "length_hist": {},
                              "draft_seconds": 0.0, "steps": 0, "faults": 0, "skipped_no_context": 0,
-                             "active_requests": 0, "lookup_rounds": 0, "lookup_drafted": 0, "lookup_accepted": 0}
+                             "active_requests": 0, "source_drafted": {}, "source_accepted": {}, "kind_rounds": {}}
     if not directory.is_dir():
         return total
     for file in directory.glob("*.json"):
@@ -180,16 +194,24 @@ def read_metrics(directory: str | Path | None = None) -> dict[str, Any]:
             continue
         if not _ours(int(snap.get("pid", -1))):
             continue
-        for key in ("rounds", "draft_seconds", "steps", "faults", "skipped_no_context", "active_requests",
-                    "lookup_rounds", "lookup_drafted", "lookup_accepted"):
+        for key in ("rounds", "draft_seconds", "steps", "faults", "skipped_no_context", "active_requests"):
             total[key] += snap.get(key, 0)
         for key in ("drafted_at", "accepted_at"):
-            vals = snap[key]
-            total[key] += [0] * (len(vals) - len(total[key]))
-            total[key] = [a + b for a, b in zip(total[key], vals + [0] * (len(total[key]) - len(vals)))]
+            total[key] = _add_lists(total[key], snap[key])
+        for key in ("source_drafted", "source_accepted"):
+            for source, vals in snap.get(key, {}).items():
+                total[key][source] = _add_lists(total[key].get(source, []), vals)
+        for kind, n in snap.get("kind_rounds", {}).items():
+            total["kind_rounds"][kind] = total["kind_rounds"].get(kind, 0) + n
         for k, v in snap["length_hist"].items():
             total["length_hist"][k] = total["length_hist"].get(k, 0) + v
     return total
+
+
+def _add_lists(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum, the shorter padded with zeros."""
+    n = max(len(a), len(b))
+    return [x + y for x, y in zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))]
 
 
 class DSparkCollector:
@@ -216,6 +238,23 @@ class DSparkCollector:
         yield drafted
         yield accepted
         yield conditional
+        by_drafted = CounterMetricFamily("vllm_dspark:source_drafted_tokens",
+                                         "Verified draft tokens by source (drafter, suffix) and position",
+                                         labels=["source", "position"])
+        by_accepted = CounterMetricFamily("vllm_dspark:source_accepted_tokens",
+                                          "Accepted draft tokens by source (drafter, suffix) and position",
+                                          labels=["source", "position"])
+        for source, vals in sorted(m["source_drafted"].items()):
+            for k, (d, a) in enumerate(zip(vals, m["source_accepted"].get(source, [])), start=1):
+                by_drafted.add_metric([source, str(k)], d)
+                by_accepted.add_metric([source, str(k)], a)
+        yield by_drafted
+        yield by_accepted
+        kinds = CounterMetricFamily("vllm_dspark:source_rounds", "Verification rounds by where their drafts came "
+                                    "from (drafter, suffix, splice)", labels=["source"])
+        for kind, n in sorted(m["kind_rounds"].items()):
+            kinds.add_metric([kind], n)
+        yield kinds
         lengths = CounterMetricFamily("vllm_dspark:block_length", "Chosen draft lengths", labels=["length"])
         for k, v in sorted(m["length_hist"].items(), key=lambda kv: int(kv[0])):
             lengths.add_metric([k], v)
@@ -235,9 +274,6 @@ COUNTERS = [
     ("draft_steps", "Engine steps seen by the drafter", "steps"),
     ("drafter_faults", "Drafter failures (steps without speculation)", "faults"),
     ("skipped_no_context", "Proposals skipped: no complete context", "skipped_no_context"),
-    ("lookup_rounds", "Verification rounds of prompt-lookup drafts", "lookup_rounds"),
-    ("lookup_drafted_tokens", "Verified prompt-lookup draft tokens", "lookup_drafted"),
-    ("lookup_accepted_tokens", "Accepted prompt-lookup draft tokens", "lookup_accepted"),
 ]
 
 

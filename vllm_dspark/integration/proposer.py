@@ -8,7 +8,8 @@ User config (offline ``LLM(...)`` or ``vllm serve``)::
 
 One engine step, as the compat wrappers drive it: ``on_finished`` (free state; the step starts) -> ``ingest``
 (the verified rows into each request's context) -> ``set_batch`` (request ids and sampling params) -> ``propose``
-(the policy says whether to draft; ONE batched ``draft_block``; the policy gives each request its length) ->
+(suffix drafts from each request's text; the policy picks each request's source; ONE batched ``draft_block``
+for those that need the drafter; the policy gives each request its length) ->
 ``take_draft_probs`` (q for the rejection sampler).
 """
 from __future__ import annotations
@@ -27,10 +28,10 @@ from ..checkpoint import load_drafter, resolve_dtypes
 from ..config import DSparkConfig
 from ..context import ContextStore, PrefixCache
 from ..drafting import draft_block, noise_keys
-from ..lookup import LookupStats, lookup_drafts
 from ..preflight import check_dspark
 from ..policy import SpeedPolicy, StepReport
 from ..settings import DSparkSettings  # noqa: F401 - also imported from here by users and tests
+from ..suffix import SuffixDraft, SuffixDrafter
 from . import compat, metrics
 from .compat import StepRows
 from .metrics import ProposerStats
@@ -64,8 +65,9 @@ class DSparkProposer:
         self._last_probs: tuple[torch.Tensor, list[str]] | None = None
         self._gap_reqs: dict[str, str] = {}  # requests that never draft again -> why (logged once)
         self._confidence: dict[str, list[float]] = {}  # per request: confidences of its pending drafts
-        self._looked_up: set[str] = set()  # requests whose pending drafts came from prompt lookup
-        self.lookup_stats = LookupStats(self.num_spec_tokens)
+        # per request with drafts in verification: their source ("drafter", "suffix", "splice") and suffix draft
+        self._pending: dict[str, tuple[str, SuffixDraft | None]] = {}
+        self.suffix = SuffixDrafter(cache_tokens=self.settings.suffix_cache_tokens)
         self.adaptive = self.settings.mode == "adaptive" and self.cfg.enable_confidence_head
         self.policy = SpeedPolicy(self.num_spec_tokens, self.settings.probe_interval, self.settings.probe_interval_max)
         cal = Path(self.settings.drafter) / CALIBRATION_FILE
@@ -118,7 +120,8 @@ class DSparkProposer:
             self.store.free(r)
             self._gap_reqs.pop(r, None)
             self._confidence.pop(r, None)
-            self._looked_up.discard(r)
+            self._pending.pop(r, None)
+            self.suffix.finish(r)
         if req_ids:
             metrics.publish(self, force=not self.store.slots)  # an idle engine reports 0 active at once
 
@@ -144,13 +147,13 @@ class DSparkProposer:
             ns = len(sampled_token_ids[i]) if i < len(sampled_token_ids) else 0
             if nd > 0 and ns > 0:
                 stop -= nd + 1 - ns  # rejected rows
-                looked_up = req_id in self._looked_up
-                self._looked_up.discard(req_id)
+                kind, copied = self._pending.pop(req_id, ("drafter", None))
+                given = 0 if copied is None else min(nd, len(copied.tokens))
                 self.stats.observe_round(req_id, nd, ns - 1, self._confidence.pop(req_id, None),
-                                         self.settings.record and not looked_up, lookup=looked_up)
-                if looked_up:
-                    self.lookup_stats.observe(nd, ns - 1)
-                else:
+                                         self.settings.record, kind=kind, copied=given)
+                if copied is not None:
+                    self.suffix.observe(copied, given, ns - 1)
+                if kind == "drafter":  # the drafter's own rounds teach the policy what its confidences are worth
                     rounds.append((nd, ns - 1))
             if stop > start and req_id not in self._gap_reqs:
                 rows.append((req_id, step.starts[i], feats[start:stop]))
@@ -198,16 +201,25 @@ class DSparkProposer:
         """Fill ``out`` with drafts; returns the requests the drafter ran for."""
         k = max(0, min(self.num_spec_tokens, self._budget))
         # A seeded request's output must be a function of its prompt, parameters and seed alone (vLLM users rely
-        # on that): it always drafts its full cap, with noise keyed by its seed and position; the policy (timing,
-        # the batch) plans only the others, and is asked first so that a paused step costs no per-request work.
+        # on that): it always drafts its full cap from the drafter, with noise keyed by its seed and position; the
+        # policy (timing, the batch) plans only the others, and is asked first so that a step it leaves plain
+        # costs no per-request work.
         report, self._report = self._report, None
         self.stats.steps += 1
-        plan = not self.adaptive or self.policy.begin(report, len(sampled_token_ids) - len(self._seeds)) > 0
-        if not plan and not self._seeds:
+        sources = self.settings.sources
+        use_suffix = sources != "drafter" and token_ids_cpu is not None
+        if self.adaptive:
+            drafter_ok = self.policy.begin(report, len(sampled_token_ids) - len(self._seeds)) > 0
+            use_suffix = use_suffix and not self.policy.plain_step
+        else:  # fixed K: the drafter alone, unless it is told to copy only
+            drafter_ok, use_suffix = True, sources == "suffix" and use_suffix
+        drafter_ok = drafter_ok and sources != "suffix"
+        if not (drafter_ok or use_suffix or self._seeds):
             return 0
         rows, anchors, temps, caps = [], [], [], []
         for i, sampled in enumerate(sampled_token_ids):
-            if not sampled or i >= len(self._batch_req_ids) or not (plan or i in self._seeds):
+            free = i not in self._seeds
+            if not sampled or i >= len(self._batch_req_ids) or (free and not (drafter_ok or use_suffix)):
                 continue
             req_id = self._batch_req_ids[i]
             n = int(num_tokens_no_spec[i])  # tokens so far, the new anchor included
@@ -221,72 +233,123 @@ class DSparkProposer:
                 # Without q handed to the sampler, draft greedily: vLLM then treats each draft as one-hot
                 # (still lossless; it accepts x with probability p(x)).
                 t = 0.0 if self._temperature is None else float(self._temperature[i])
-                temps.append(t if self.settings.probabilistic else 0.0)
-        seeded = [j for j, i in enumerate(rows) if i in self._seeds]
+                temps.append(t)
         free = [j for j, i in enumerate(rows) if i not in self._seeds]
+        seeded = [j for j, i in enumerate(rows) if i in self._seeds]
         if not free and not seeded:
             return 0
-        looked = self._lookup(free, rows, caps, temps, num_tokens_no_spec, token_ids_cpu)
-        drafted = [j for j in free if j not in looked] + seeded
-        order = [j for j in free if j not in looked] + list(looked) + seeded  # as `tokens` below lists them
+        copied = self._suffix_drafts(free, rows, caps, temps, num_tokens_no_spec, token_ids_cpu) if use_suffix else {}
+        kind = self._sources(free, copied, caps, k, drafter_ok)
+        pure = [j for j in free if kind[j] == "drafter"]
+        spliced = [j for j in free if kind[j] == "splice"]
+        copy_only = [j for j in free if kind[j] == "suffix"]
+        drafted = pure + spliced + seeded  # the drafter's rows, in this order
         req_ids = [self._batch_req_ids[rows[j]] for j in drafted]
-        t_flush = time.perf_counter()
-        self.store.flush(req_ids)  # context rows deferred while not drafting, projected now
-        self.stats.ingest_seconds += time.perf_counter() - t_flush
-        device = self.drafter.fc.weight.device
-        temperature = torch.tensor([temps[j] for j in drafted], dtype=torch.float32, device=device)
-        want_q = self.settings.probabilistic and bool((temperature > 0).any())
-        seed = torch.tensor(noise_keys(req_ids, [self._seeds.get(rows[j]) for j in drafted],
-                                       [int(num_tokens_no_spec[rows[j]]) for j in drafted], self.stats.steps),
-                            dtype=torch.int64, device=device)
         block, tokens, conf = None, [], None
-        nf = len(drafted) - len(seeded)  # the drafter's free rows come first
+        want_q = False
         if drafted:
+            t_flush = time.perf_counter()
+            self.store.flush(req_ids)  # context rows deferred while not drafting, projected now
+            self.stats.ingest_seconds += time.perf_counter() - t_flush
+            device = self.drafter.fc.weight.device
+            draft_temps = [temps[j] if self.settings.probabilistic else 0.0 for j in drafted]
+            temperature = torch.tensor(draft_temps, dtype=torch.float32, device=device)
+            want_q = self.settings.probabilistic and bool((temperature > 0).any())
+            seed = torch.tensor(noise_keys(req_ids, [self._seeds.get(rows[j]) for j in drafted],
+                                           [int(num_tokens_no_spec[rows[j]]) for j in drafted], self.stats.steps),
+                                dtype=torch.int64, device=device)
+            prefix = [copied[j].tokens if j in spliced else [] for j in drafted] if spliced else None
             block = draft_block(self.drafter, self.store.gather(req_ids),
                                 torch.tensor([anchors[j] for j in drafted], dtype=torch.int64, device=device),
                                 k, temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q,
-                                block_drafts=self.cfg.max_draft_tokens if self.settings.full_block else None)
+                                block_drafts=self.cfg.max_draft_tokens if self.settings.full_block else None,
+                                prefix=prefix)
             tokens = [t[:k] for t in block.tokens.tolist()]
             conf = block.confidence.tolist() if block.confidence is not None else None
-        tokens = tokens[:nf] + list(looked.values()) + tokens[nf:]
-        lengths = [min(caps[j], len(looked[j])) if j in looked else caps[j] for j in order]
-        planned = nf + len(looked)  # the free rows: the drafter's (with a confidence head when adaptive), lookup's
+        order = drafted[:len(pure) + len(spliced)] + copy_only + seeded  # free rows first: the policy plans them
+        tokens = tokens[:len(pure) + len(spliced)] + [copied[j].tokens for j in copy_only] + tokens[len(drafted) - len(seeded):]
+        lengths = [min(caps[j], len(tokens[pos])) for pos, j in enumerate(order)]
+        planned = len(free) - sum(1 for j in free if kind[j] == "none")
         if self.adaptive and planned:
-            survival = self._survival(block, nf, [len(d) for d in looked.values()], k)
-            lengths[:planned] = self.policy.lengths(survival, lengths[:planned], len(free), drafted=nf)
+            survival = self._survival(block, len(pure), [copied[j] for j in spliced],
+                                      [copied[j] for j in copy_only], k)
+            lengths[:planned] = self.policy.lengths(survival, lengths[:planned], len(free), drafted=len(pure),
+                                                    runs=len(pure) + len(spliced))
+        q_rows, at = [], {j: pos for pos, j in enumerate(drafted)}
         for pos, j in enumerate(order):
             i, req_id = rows[j], self._batch_req_ids[rows[j]]
             out[i] = tokens[pos][:lengths[pos]]
-            from_lookup = nf <= pos < nf + len(looked)
-            if not from_lookup and conf is not None:
-                self._confidence[req_id] = conf[pos if pos < nf else pos - len(looked)]
-            elif from_lookup and out[i]:
-                self._looked_up.add(req_id)
+            source = kind.get(j, "drafter")
+            if source == "drafter" and conf is not None:
+                self._confidence[req_id] = conf[at[j]]
+            if out[i]:
+                self._pending[req_id] = (source, copied.get(j) if source != "drafter" else None)
+            if source == "suffix" and want_q:
+                q_rows.append((req_id, tokens[pos]))
             if self.settings.record:
                 self.records.append({"req_id": req_id, "position": int(num_tokens_no_spec[i]) - 1, "anchor": anchors[j],
-                                     "drafts": out[i], "source": "lookup" if from_lookup else "drafter"})
+                                     "drafts": out[i], "source": source})
             self.stats.length_hist[len(out[i])] = self.stats.length_hist.get(len(out[i]), 0) + 1
         self.stats.drafted_requests += len(order)
         if want_q:
-            self._last_probs = (block.dense_q(self.cfg.vocab_size), req_ids)
+            self._last_probs = self._draft_probs(block, req_ids, q_rows, k)
         return len(drafted)
 
-    def _survival(self, block, nf: int, lookup: list[int], k: int) -> np.ndarray:
-        """[free rows, k] survival the policy plans with: the drafter's calibrated confidences, then prompt lookup's
-        measured acceptance for its rows."""
-        rows = [survival(block.confidence_logit[:nf, :k].float().cpu().numpy(), self.calibration)] if nf else []
-        return np.concatenate(rows + [self.lookup_stats.survival(n)[None, :k] for n in lookup])
+    def _suffix_drafts(self, free, rows, caps, temps, num_tokens, token_ids) -> dict[int, SuffixDraft]:
+        """{row index: its suffix draft} for the free rows whose text (or a recent output) has one."""
+        found = {}
+        for j in free:
+            i = rows[j]
+            d = self.suffix.propose(self._batch_req_ids[i], token_ids[i, :int(num_tokens[i])], caps[j], temps[j] > 0)
+            if d is not None:
+                found[j] = d
+        return found
 
-    def _lookup(self, free: list[int], rows: list[int], caps: list[int], temps: list[float], num_tokens: np.ndarray,
-                token_ids: np.ndarray | None) -> dict[int, list[int]]:
-        """Prompt-lookup drafts {row index: tokens} for the free rows whose text has a match. Only in all-greedy
-        batches: vLLM's rejection sampler takes the drafter's q for every drafting request or for none."""
-        s = self.settings
-        if not s.lookup or token_ids is None or any(t > 0 for t in temps) or len(free) > s.lookup_max_batch:
+    def _sources(self, free: list[int], copied: dict[int, SuffixDraft], caps: list[int], k: int,
+                 drafter_ok: bool) -> dict[int, str]:
+        """Per free row: "drafter", "splice", "suffix" or "none" (no drafts this step)."""
+        if not free:
             return {}
-        found = lookup_drafts(token_ids, num_tokens, [rows[j] for j in free], s.lookup_min, s.lookup_max,
-                              [caps[j] for j in free])
-        return {free[x]: d for x, d in found.items()}
+        if not self.adaptive:
+            return {j: "drafter" if drafter_ok else ("suffix" if j in copied else "none") for j in free}
+        survival = np.zeros((len(free), k))
+        lengths = np.zeros(len(free), dtype=np.int64)
+        for r, j in enumerate(free):
+            if j in copied:
+                n = min(len(copied[j].tokens), k)
+                survival[r, :n], lengths[r] = copied[j].survival[:n], n
+        codes = self.policy.sources(survival, lengths, [caps[j] for j in free], len(free), drafter=drafter_ok)
+        names = ("suffix", "drafter", "splice")
+        return {j: "none" if c == 0 and j not in copied else names[c] for j, c in zip(free, codes.tolist())}
+
+    def _survival(self, block, pure: int, spliced: list[SuffixDraft], copy_only: list[SuffixDraft],
+                  k: int) -> np.ndarray:
+        """[planned rows, k] survival the policy plans with: the drafter's calibrated confidences (its own rows),
+        each splice's suffix survival and then the drafter's past it, then the suffix drafts' own."""
+        n = pure + len(spliced)
+        drafter = survival(block.confidence_logit[:n, :k].float().cpu().numpy(), self.calibration) if n else \
+            np.zeros((0, k))
+        out = np.zeros((n + len(copy_only), k))
+        out[:n] = drafter
+        for r, d in enumerate(spliced, start=pure):
+            m = len(d.tokens)  # the given positions' confidence logit is +30: the drafter's product starts past them
+            out[r, :m], out[r, m:] = d.survival[:m], d.survival[m - 1] * drafter[r, m:]
+        for r, d in enumerate(copy_only, start=n):
+            m = min(len(d.tokens), k)
+            out[r, :m] = d.survival[:m]
+        return out
+
+    def _draft_probs(self, block, req_ids: list[str], q_rows: list[tuple[str, list[int]]], k: int):
+        """q for vLLM's rejection sampler: the drafter's rows, then one-hot rows for copied drafts (vLLM takes q
+        for every drafting request or for none)."""
+        q = block.dense_q(self.cfg.vocab_size)
+        if q_rows:
+            one_hot = q.new_zeros(len(q_rows), q.shape[1], q.shape[2])
+            for r, (_, toks) in enumerate(q_rows):
+                n = min(len(toks), q.shape[1])
+                one_hot[r, torch.arange(n), torch.tensor(toks[:n])] = 1.0
+            q = torch.cat([q, one_hot])
+        return q, req_ids + [r for r, _ in q_rows]
 
     def take_draft_probs(self) -> tuple[torch.Tensor, list[str]] | None:
         probs, self._last_probs = self._last_probs, None

@@ -160,11 +160,12 @@ class StepCost:
         return 0.0
 
     def seconds_many(self, tokens, batch: int, drafted: int) -> np.ndarray:
-        """Seconds of a step for each size in ``tokens``."""
-        extra = self._rest(drafted > 0, batch)
-        if drafted and len(self.drafter):
-            extra += self.drafter.seconds(drafted)
-        return self.forward.seconds_many(tokens, extra)
+        """Seconds of a step for each size in ``tokens``. A step that verifies drafts (more tokens than requests)
+        pays the speculative rest whether or not the drafter made them (copied drafts cost it too)."""
+        sizes = np.asarray(tokens)
+        extra = self.drafter.seconds(drafted) if drafted and len(self.drafter) else 0.0
+        rest = np.where((sizes > batch) | (drafted > 0), self._rest(True, batch), self._rest(False, batch))
+        return self.forward.seconds_many(sizes, extra) + rest
 
     def seconds(self, tokens: int, batch: int, drafted: int = 0) -> float:
         return float(self.seconds_many([tokens], batch, drafted)[0])

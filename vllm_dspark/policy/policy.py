@@ -103,6 +103,7 @@ class SpeedPolicy:
         self._probe_left = 0
         self._plain_until = 0
         self._seen: dict[int, list[int]] = {}  # batch -> [speculative steps, plain steps, step of the last plain]
+        self.plain_step = False  # this step measures what not speculating costs: no drafts from any source
 
     # ------------------------------------------------------------------------------------------------ observe
     def observe(self, report: StepReport) -> None:
@@ -135,10 +136,10 @@ class SpeedPolicy:
         if report is not None:
             self.observe(report)
         self.step += 1
-        if batch <= 0 or self.step < self._plain_until:
-            return 0
-        if self._wants_plain(batch):
+        self.plain_step = batch > 0 and (self.step < self._plain_until or self._wants_plain(batch))
+        if self.plain_step and self.step >= self._plain_until:
             self._plain_until = self.step + self.PLAIN_STEPS
+        if batch <= 0 or self.plain_step:
             return 0
         if self.pause.active(self.step, batch):
             return 0
@@ -172,15 +173,60 @@ class SpeedPolicy:
         plain = batch / self.cost.seconds(batch, batch, 0)
         return float(with_drafts.max() / plain)
 
-    def lengths(self, survival, caps, batch: int, drafted: int | None = None) -> list[int]:
+    def drafter_survival(self) -> np.ndarray:
+        """[K] what a drafter row is expected to survive, position by position (before it drafts)."""
+        if self.expected is None:  # nothing drafted yet: a modest guess, so that the drafter gets to run
+            return np.cumprod(np.full(self.k, 0.5))
+        return np.minimum(self.expected * self.trust(), 1.0)
+
+    def sources(self, suffix, suffix_lengths, caps, batch: int, drafter: bool = True) -> np.ndarray:
+        """Per request, where its drafts come from: 0 = its suffix draft alone (or none), 1 = the drafter,
+        2 = a splice (its suffix draft, then the drafter continuing from it).
+
+        ``suffix`` [R, K]: the survival of each request's suffix draft (0 past its ``suffix_lengths``). The
+        drafter's rows are expected to survive :meth:`drafter_survival`; a splice keeps the suffix draft's
+        survival and multiplies on the drafter's conditionals past it. Requests are ranked by what the drafter
+        adds to them; the number n that run it is the one whose Algorithm-1 plan, drafter time included, is
+        fastest (n = 0 when ``drafter`` is False)."""
+        suffix = np.asarray(suffix, dtype=np.float64)
+        rows, k = suffix.shape
+        codes = np.zeros(rows, dtype=np.int64)
+        if not drafter or rows == 0:
+            return codes
+        d = self.drafter_survival()[:k]
+        lengths = np.asarray(suffix_lengths, dtype=np.int64)
+        splice = suffix.copy()
+        for r in np.flatnonzero((lengths > 0) & (lengths < k)):
+            n = lengths[r]
+            splice[r, n:] = suffix[r, n - 1] * d[n:] / max(d[n - 1], 1e-9)
+        best = np.where((splice.sum(1) > d.sum())[:, None], splice, d[None, :])
+        codes_if = np.where(splice.sum(1) > d.sum(), 2, 1)
+        gain = best.sum(1) - suffix.sum(1)
+        order = np.argsort(-gain, kind="stable")
+        positive = int((gain > 0).sum())
+        counts = sorted({0, positive} | {n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n < positive})
+        top, best_n = -1.0, 0
+        for n in counts:
+            planned = suffix.copy()
+            planned[order[:n]] = best[order[:n]]
+            theta = plan_block_lengths(planned, self.cost.steps_per_second(batch, drafted=n), caps,
+                                       scan=True).throughput
+            if theta > top:
+                top, best_n = theta, n
+        codes[order[:best_n]] = codes_if[order[:best_n]]
+        return codes
+
+    def lengths(self, survival, caps, batch: int, drafted: int | None = None, runs: int | None = None) -> list[int]:
         """Drafts to verify per request (rows of ``survival`` [R, K]), capped by ``caps`` [R]; the first ``drafted``
-        rows (default all) are the drafter's, the others cost it nothing (e.g. prompt lookup)."""
+        rows (default all) are the drafter's own drafts (its confidences: trust applies, and they teach what it
+        expects), the others come from elsewhere (suffix drafts, splices). ``runs``: requests the drafter ran
+        for (default ``drafted``), for its cost."""
         survival = np.asarray(survival, dtype=np.float64)
         rows = survival.shape[0] if drafted is None else drafted
         width = min(self.k, survival.shape[1])
         planned = survival.copy()
         planned[:rows, :width] = np.minimum(survival[:rows, :width] * self.trust()[:width], 1.0)
-        rate = self.cost.steps_per_second(batch, drafted=rows)
+        rate = self.cost.steps_per_second(batch, drafted=rows if runs is None else runs)
         lengths = plan_block_lengths(planned, rate, caps, scan=True).lengths
         if rows:
             mine = np.zeros(self.k)

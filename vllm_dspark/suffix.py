@@ -1,0 +1,242 @@
+"""Suffix drafts: continuations copied from a request's own text and from recent finished outputs.
+
+SuffixDecoding (arXiv 2411.04975): find the longest suffix of the text that occurred before, read what followed
+its occurrences, and draft the most frequent continuation token by token. Copying costs no drafter time, and on
+text that repeats (code edits, summaries, this project's looping SmolLM2) it drafts long and well. Each draft
+token comes with its count statistics; :class:`SuffixCalibration` turns them into a survival per position,
+learned online from what verification accepted, which the load-aware policy plans with next to the drafter's
+confidences. Numpy and Python only; imports no vLLM.
+
+Convention: ``tokens`` is a request's prompt and output so far, the newest token last (the draft anchor).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["SuffixCalibration", "SuffixDraft", "SuffixDrafter", "TokenIndex"]
+
+SEP = -1  # between texts in the shared cache: matches nothing, ends every continuation
+
+
+class TokenIndex:
+    """Token texts and, for each bigram, the positions of its second token: where a pattern ending in that
+    bigram occurred and what followed it."""
+
+    def __init__(self, capacity: int = 256):
+        self.tokens = np.full(max(16, capacity), SEP, dtype=np.int64)
+        self.n = 0
+        self.where: dict[int, list[int]] = {}
+
+    def extend(self, new) -> None:
+        new = [int(t) for t in new]
+        if self.n + len(new) > self.tokens.shape[0]:
+            grown = np.full(max(2 * self.tokens.shape[0], self.n + len(new)), SEP, dtype=np.int64)
+            grown[: self.n] = self.tokens[: self.n]
+            self.tokens = grown
+        prev = int(self.tokens[self.n - 1]) if self.n else SEP
+        for i, t in enumerate(new, start=self.n):
+            if prev != SEP and t != SEP:
+                self.where.setdefault((prev << 32) | t, []).append(i)
+            prev = t
+        self.tokens[self.n: self.n + len(new)] = new
+        self.n += len(new)
+
+    def matches(self, pattern: list[int], depth: int, recent: int) -> tuple[list[int], int]:
+        """(starts, m): where the continuations of the longest suffix of ``pattern`` (newest last, 2..``depth``
+        tokens) that occurred here begin, newest first, and its length m (0 and [] when even the last bigram
+        never occurred). Only the ``recent`` newest occurrences of that bigram are looked at."""
+        if len(pattern) < 2:
+            return [], 0
+        hits = self.where.get((pattern[-2] << 32) | pattern[-1])
+        if not hits:
+            return [], 0
+        hits = hits[-recent:]
+        t, best, starts = self.tokens, 0, []
+        for i in reversed(hits):
+            if i + 1 >= self.n:  # the text's last token: nothing followed it yet
+                continue
+            m, lim = 2, min(depth, len(pattern), i + 1)
+            while m < lim and t[i - m] == pattern[-1 - m]:
+                m += 1
+            if m > best:
+                best, starts = m, [i + 1]
+            elif m == best:
+                starts.append(i + 1)
+        return starts, best
+
+    def rebuild_from(self, keep_from: int) -> None:
+        """Keep tokens[keep_from:] only (the oldest go), re-indexed."""
+        rest = self.tokens[keep_from: self.n].copy()
+        self.tokens = np.full(max(16, 2 * rest.shape[0]), SEP, dtype=np.int64)
+        self.n, self.where = 0, {}
+        self.extend(rest.tolist())
+
+
+@dataclass
+class SuffixDraft:
+    """One suffix draft: tokens, the count statistics behind each, and where they came from."""
+
+    tokens: list[int]
+    ratio: list[float]  # per token: its count / the candidates still agreeing with the draft before it
+    support: list[int]  # per token: those candidates
+    match: int  # length of the matched suffix
+    shared: bool  # from the shared cache of finished outputs (else the request's own text)
+    sampled: bool  # drafted for a request that samples (temperature > 0)
+    survival: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [len(tokens)], set by the calibration
+
+
+def walk(index: TokenIndex, starts: list[int], k: int, own_end: int | None = None) -> tuple[list[int], list[float], list[int]]:
+    """The most frequent continuation of ``starts`` (newest first; ties go to the newest), up to ``k`` tokens.
+
+    ``own_end``: the index is the request's own text, ``own_end`` tokens long; a continuation that reaches the
+    end reads on into the draft itself (a loop of period p drafts beyond p tokens)."""
+    t, n = index.tokens, index.n
+    draft, ratio, support = [], [], []
+    cur = starts
+    for d in range(k):
+        toks = []
+        for c in cur:
+            i = c + d
+            if i < n:
+                toks.append(int(t[i]))
+            elif own_end is not None and i - own_end < len(draft):
+                toks.append(draft[i - own_end])
+            else:
+                toks.append(SEP)
+        live = [(c, x) for c, x in zip(cur, toks) if x != SEP]
+        if not live:
+            break
+        if len(live) == 1:
+            best, count = live[0][1], 1
+        else:
+            counts: dict[int, int] = {}
+            for _, x in live:
+                counts[x] = counts.get(x, 0) + 1
+            best = max(counts, key=counts.__getitem__)  # first seen = newest among equals
+            count = counts[best]
+        draft.append(best)
+        ratio.append(count / len(live))
+        support.append(len(live))
+        cur = [c for c, x in live if x == best]
+    return draft, ratio, support
+
+
+class SuffixCalibration:
+    """P(suffix draft token accepted | the ones before it accepted), per bin of its statistics, learned online.
+
+    Bins: the token's count ratio, its support, the matched suffix's length, its depth in the draft, and whether
+    the request samples (a copied token is accepted with probability p(x) at temperature > 0, not 0 or 1). Each
+    bin starts at the counts' own estimate, ratio * support / (support + 1), worth ``prior`` observations."""
+
+    RATIO = (0.5, 0.8, 0.999)
+    SUPPORT = (1, 2, 5)
+    MATCH = (2, 4, 8)
+    DEPTH = (1, 3)
+
+    def __init__(self, prior: float = 4.0, decay: float = 0.999):
+        self.prior, self.decay = prior, decay
+        shape = (len(self.RATIO) + 1, len(self.SUPPORT) + 1, len(self.MATCH) + 1, len(self.DEPTH) + 1, 2)
+        self.accepted, self.drafted = np.zeros(shape), np.zeros(shape)
+
+    def bins(self, draft: SuffixDraft) -> list[tuple[int, ...]]:
+        m = int(np.searchsorted(self.MATCH, draft.match, side="left"))
+        return [(int(np.searchsorted(self.RATIO, r, side="left")), int(np.searchsorted(self.SUPPORT, s, side="left")),
+                 m, int(np.searchsorted(self.DEPTH, d + 1, side="left")), int(draft.sampled))
+                for d, (r, s) in enumerate(zip(draft.ratio, draft.support))]
+
+    def conditional(self, draft: SuffixDraft) -> np.ndarray:
+        raw = np.asarray(draft.ratio) * np.asarray(draft.support) / (np.asarray(draft.support) + 1.0)
+        b = tuple(np.array(self.bins(draft)).T) if draft.tokens else None
+        if b is None:
+            return np.zeros(0)
+        return (self.accepted[b] + self.prior * raw) / (self.drafted[b] + self.prior)
+
+    def survival(self, draft: SuffixDraft) -> np.ndarray:
+        """[len(draft.tokens)] probability that each draft token and all before it are accepted."""
+        return np.cumprod(self.conditional(draft))
+
+    def observe(self, draft: SuffixDraft, verified: int, accepted: int) -> None:
+        """The first ``verified`` tokens of ``draft`` went to the target; the first ``accepted`` were accepted."""
+        reached = min(verified, accepted + 1)
+        if reached <= 0:
+            return
+        b = tuple(np.array(self.bins(draft)[:reached]).T)
+        self.accepted *= self.decay
+        self.drafted *= self.decay
+        np.add.at(self.drafted, b, 1.0)
+        hit = np.zeros(reached)
+        hit[:min(accepted, reached)] = 1.0
+        np.add.at(self.accepted, b, hit)
+
+
+class _Own:
+    __slots__ = ("index", "output_start")
+
+    def __init__(self, tokens: np.ndarray):
+        self.index = TokenIndex(2 * len(tokens) + 64)
+        self.output_start = len(tokens) - 1  # the first output token is the anchor of the first proposal
+
+
+class SuffixDrafter:
+    """Suffix drafts per request, from its own text (indexed as it grows) and a shared cache of recent finished
+    outputs (``cache_tokens`` at most; the oldest half goes when full)."""
+
+    def __init__(self, depth: int = 24, cache_tokens: int = 1 << 18, recent: int = 64):
+        if depth < 2:
+            raise ValueError(f"SuffixDrafter: depth={depth}: expected >= 2 (patterns are matched from bigrams)")
+        self.depth, self.cache_tokens, self.recent = depth, cache_tokens, recent
+        self.own: dict[str, _Own] = {}
+        self.cache = TokenIndex(1024)
+        self.calibration = SuffixCalibration()
+
+    def __len__(self) -> int:
+        return len(self.own)
+
+    def propose(self, req_id: str, tokens: np.ndarray, k: int, sampled: bool = False) -> SuffixDraft | None:
+        """The better of the request's own and the shared cache's draft (by expected accepted tokens), with its
+        calibrated survival; None when neither text has the last two tokens before."""
+        own = self.own.get(req_id)
+        if own is None:
+            own = self.own[req_id] = _Own(tokens)
+        if own.index.n > len(tokens):  # preempted and recomputed shorter: start over
+            own = self.own[req_id] = _Own(tokens)
+        if own.index.n < len(tokens):
+            own.index.extend(tokens[own.index.n:].tolist())
+        if k <= 0:
+            return None
+        pattern = [int(x) for x in tokens[-self.depth:]]
+        best, best_score = None, 0.0
+        for index, shared in ((own.index, False), (self.cache, True)):
+            starts, m = index.matches(pattern, self.depth, self.recent)
+            if not starts:
+                continue
+            toks, ratio, support = walk(index, starts, k, None if shared else index.n)
+            if not toks:
+                continue
+            draft = SuffixDraft(toks, ratio, support, m, shared, sampled)
+            draft.survival = self.calibration.survival(draft)
+            score = float(draft.survival.sum())
+            if score > best_score:
+                best, best_score = draft, score
+        return best
+
+    def observe(self, draft: SuffixDraft, verified: int, accepted: int) -> None:
+        self.calibration.observe(draft, verified, accepted)
+
+    def forget_outputs(self) -> None:
+        """Empty the shared cache (benchmarks that repeat prompts: an answer seen before drafts itself)."""
+        self.cache = TokenIndex(1024)
+
+    def finish(self, req_id: str) -> None:
+        """The request is done: its output joins the shared cache."""
+        own = self.own.pop(req_id, None)
+        if own is None or own.index.n - own.output_start < 2:
+            return
+        out = own.index.tokens[own.output_start: own.index.n].tolist()
+        self.cache.extend([SEP] + out)
+        if self.cache.n > self.cache_tokens:
+            cut = self.cache.n - self.cache_tokens // 2
+            seps = np.flatnonzero(self.cache.tokens[cut: self.cache.n] == SEP)
+            self.cache.rebuild_from(cut + int(seps[0]) if seps.size else self.cache.n)
