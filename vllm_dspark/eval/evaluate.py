@@ -122,9 +122,7 @@ class EvalRun:
     drafter: str
     k: int
     categories: list[str]  # per prompt
-    # (prompt index, drafted, accepted, confidences, kind) per round; kind: where its drafts came from ("drafter",
-    # or with sources = hybrid/suffix "suffix" and "splice"), confidences only for the drafter's own
-    rounds: list[tuple[int, int, int, list[float], str]]
+    rounds: list[tuple[int, int, int, list[float], str]]  # (prompt, drafted, accepted, confidences, kind) per round
     vllm_counters: dict
     per_request_agree: bool
     generated_tokens: int
@@ -149,8 +147,7 @@ def run_drafter(target: str, drafter: str, label: str, prompts: list[Prompt], ar
     from vllm_dspark.integration.compat import proposer_of
 
     k = args.k or default_k(drafter)
-    # The drafter alone unless --dspark-settings says otherwise: eval measures the drafter's quality.
-    settings = {"mode": args.mode, "sources": "drafter", **parse_settings(args.dspark_settings)}
+    settings = {"mode": args.mode, "sources": "drafter", **parse_settings(args.dspark_settings)}  # the drafter alone
     spec = dspark_spec(drafter, k, record=True, settings=settings)
     llm = build_llm(target, args, per_request_spec_decode_metrics="detailed", **spec)
     proposer = proposer_of(llm)
@@ -209,8 +206,8 @@ def our_counters(run: EvalRun) -> dict:
 
 
 def confidence_arrays(run: EvalRun) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """-> (z [N, K] confidence logits, drafted [N], accepted [N]) of the drafter's own rounds; None without
-    confidences (no head)."""
+    """-> (z [N, K] confidence logits, drafted [N], accepted [N]) of the drafter's own rounds (kind "drafter");
+    None without confidences (no head)."""
     rounds = [r for r in run.rounds if r[4] == "drafter"]
     if not rounds or any(len(r[3]) != r[1] for r in rounds):
         return None
