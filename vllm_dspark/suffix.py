@@ -87,7 +87,8 @@ class SuffixDraft:
     survival: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [len(tokens)], set by the calibration
 
 
-def walk(index: TokenIndex, starts: list[int], k: int, own_end: int | None = None) -> tuple[list[int], list[float], list[int]]:
+def walk(index: TokenIndex, starts: list[int], k: int,
+         own_end: int | None = None) -> tuple[list[int], list[float], list[int]]:
     """The most frequent continuation of ``starts`` (newest first; ties go to the newest), up to ``k`` tokens.
 
     ``own_end``: the index is the request's own text, ``own_end`` tokens long; a continuation that reaches the

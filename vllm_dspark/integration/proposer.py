@@ -267,7 +267,8 @@ class DSparkProposer:
             tokens = [t[:k] for t in block.tokens.tolist()]
             conf = block.confidence.tolist() if block.confidence is not None else None
         order = drafted[:len(pure) + len(spliced)] + copy_only + seeded  # free rows first: the policy plans them
-        tokens = tokens[:len(pure) + len(spliced)] + [copied[j].tokens for j in copy_only] + tokens[len(drafted) - len(seeded):]
+        ran = len(pure) + len(spliced)
+        tokens = tokens[:ran] + [copied[j].tokens for j in copy_only] + tokens[ran:]  # the seeded rows' come last
         lengths = [min(caps[j], len(tokens[pos])) for pos, j in enumerate(order)]
         planned = len(free) - sum(1 for j in free if kind[j] == "none")
         if self.adaptive and planned:
