@@ -11,6 +11,7 @@ Convention: ``tokens`` is a request's prompt and output so far, the newest token
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,10 +143,9 @@ class SuffixCalibration:
         self.accepted, self.drafted = np.zeros(shape), np.zeros(shape)
 
     def bins(self, draft: SuffixDraft) -> list[tuple[int, ...]]:
-        m = int(np.searchsorted(self.MATCH, draft.match, side="left"))
-        return [(int(np.searchsorted(self.RATIO, r, side="left")), int(np.searchsorted(self.SUPPORT, s, side="left")),
-                 m, int(np.searchsorted(self.DEPTH, d + 1, side="left")), int(draft.sampled))
-                for d, (r, s) in enumerate(zip(draft.ratio, draft.support))]
+        m = bisect_left(self.MATCH, draft.match)  # bisect, not numpy: a handful of scalars per draft, every step
+        return [(bisect_left(self.RATIO, r), bisect_left(self.SUPPORT, s), m, bisect_left(self.DEPTH, d + 1),
+                 int(draft.sampled)) for d, (r, s) in enumerate(zip(draft.ratio, draft.support))]
 
     def conditional(self, draft: SuffixDraft) -> np.ndarray:
         raw = np.asarray(draft.ratio) * np.asarray(draft.support) / (np.asarray(draft.support) + 1.0)
@@ -192,18 +192,13 @@ class SuffixDrafter:
         self.cache = TokenIndex(1024)
         self.calibration = SuffixCalibration()
 
-    def __len__(self) -> int:
-        return len(self.own)
-
     def propose(self, req_id: str, tokens: np.ndarray, k: int, sampled: bool = False) -> SuffixDraft | None:
         """The better of the request's own and the shared cache's draft (by expected accepted tokens), with its
         calibrated survival; None when neither text has the last two tokens before."""
         own = self.own.get(req_id)
         if own is None:
             own = self.own[req_id] = _Own(tokens)
-        if own.index.n > len(tokens):  # preempted and recomputed shorter: start over
-            own = self.own[req_id] = _Own(tokens)
-        if own.index.n < len(tokens):
+        if own.index.n < len(tokens):  # a request's text only grows (vLLM recomputes a preempted one in full)
             own.index.extend(tokens[own.index.n:].tolist())
         if k <= 0:
             return None

@@ -62,7 +62,7 @@ def test_copied_drafts_hand_one_hot_q_next_to_the_drafters():
     prop.cfg = type("Cfg", (), {"vocab_size": 6})()
     q = torch.softmax(torch.randn(1, 3, 6), -1)
     block = DraftBlock(torch.tensor([[1, 2, 3]]), None, q=q)
-    probs, ids = prop._draft_probs(block, ["a"], [("b", [4, 0]), ("c", [5, 5, 5])], 3)
+    probs, ids = prop._draft_probs(block, ["a"], [("b", [4, 0]), ("c", [5, 5, 5])])
     assert ids == ["a", "b", "c"] and probs.shape == (3, 3, 6)
     assert torch.equal(probs[0], q[0])
     assert probs[1].argmax(-1).tolist()[:2] == [4, 0] and probs[1, :2].sum().item() == 2.0

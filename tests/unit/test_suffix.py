@@ -83,13 +83,6 @@ def test_finished_outputs_feed_other_requests_and_the_oldest_are_evicted():
     assert newest.tokens == [395, 396] and newest.shared
 
 
-def test_a_text_that_shrank_is_indexed_again():
-    drafter = SuffixDrafter()
-    drafter.propose("r", np.array([1, 2, 3, 1, 2, 3, 1, 2]), 3)
-    d = drafter.propose("r", np.array([4, 5, 6, 4, 5]), 3)  # shorter than what was indexed: indexed anew
-    assert d.tokens == [6, 4, 5]
-
-
 def _draft(ratio, support, match=3, sampled=False):
     return SuffixDraft([1] * len(ratio), list(ratio), list(support), match, False, sampled)
 

@@ -258,7 +258,7 @@ class DSparkProposer:
             seed = torch.tensor(noise_keys(req_ids, [self._seeds.get(rows[j]) for j in drafted],
                                            [int(num_tokens_no_spec[rows[j]]) for j in drafted], self.stats.steps),
                                 dtype=torch.int64, device=device)
-            prefix = [copied[j].tokens if j in spliced else [] for j in drafted] if spliced else None
+            prefix = [copied[j].tokens if kind.get(j) == "splice" else [] for j in drafted] if spliced else None
             block = draft_block(self.drafter, self.store.gather(req_ids),
                                 torch.tensor([anchors[j] for j in drafted], dtype=torch.int64, device=device),
                                 k, temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q,
@@ -266,11 +266,11 @@ class DSparkProposer:
                                 prefix=prefix)
             tokens = [t[:k] for t in block.tokens.tolist()]
             conf = block.confidence.tolist() if block.confidence is not None else None
-        order = drafted[:len(pure) + len(spliced)] + copy_only + seeded  # free rows first: the policy plans them
+        order = pure + spliced + copy_only + seeded  # free rows first: the policy plans them
         ran = len(pure) + len(spliced)
         tokens = tokens[:ran] + [copied[j].tokens for j in copy_only] + tokens[ran:]  # the seeded rows' come last
         lengths = [min(caps[j], len(tokens[pos])) for pos, j in enumerate(order)]
-        planned = len(free) - sum(1 for j in free if kind[j] == "none")
+        planned = ran + len(copy_only)
         if self.adaptive and planned:
             survival = self._survival(block, len(pure), [copied[j] for j in spliced],
                                       [copied[j] for j in copy_only], k)
@@ -293,7 +293,7 @@ class DSparkProposer:
             self.stats.length_hist[len(out[i])] = self.stats.length_hist.get(len(out[i]), 0) + 1
         self.stats.drafted_requests += len(order)
         if want_q:
-            self._last_probs = self._draft_probs(block, req_ids, q_rows, k)
+            self._last_probs = self._draft_probs(block, req_ids, q_rows)
         return len(drafted)
 
     def _suffix_drafts(self, free, rows, caps, temps, num_tokens, token_ids) -> dict[int, SuffixDraft]:
@@ -340,7 +340,7 @@ class DSparkProposer:
             out[r, :m] = d.survival[:m]
         return out
 
-    def _draft_probs(self, block, req_ids: list[str], q_rows: list[tuple[str, list[int]]], k: int):
+    def _draft_probs(self, block, req_ids: list[str], q_rows: list[tuple[str, list[int]]]):
         """q for vLLM's rejection sampler: the drafter's rows, then one-hot rows for copied drafts (vLLM takes q
         for every drafting request or for none)."""
         q = block.dense_q(self.cfg.vocab_size)

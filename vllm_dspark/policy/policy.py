@@ -199,8 +199,9 @@ class SpeedPolicy:
         for r in np.flatnonzero((lengths > 0) & (lengths < k)):
             n = lengths[r]
             splice[r, n:] = suffix[r, n - 1] * d[n:] / max(d[n - 1], 1e-9)
-        best = np.where((splice.sum(1) > d.sum())[:, None], splice, d[None, :])
-        codes_if = np.where(splice.sum(1) > d.sum(), 2, 1)
+        use_splice = splice.sum(1) > d.sum()
+        best = np.where(use_splice[:, None], splice, d[None, :])
+        codes_if = np.where(use_splice, 2, 1)
         gain = best.sum(1) - suffix.sum(1)
         order = np.argsort(-gain, kind="stable")
         positive = int((gain > 0).sum())
