@@ -19,7 +19,8 @@
 #   rerun to resume. The Markov-less ablation runs once the main run has reached STEPS, at equal steps.
 # RECIPE=warm (STEPS=300, ~1.5 h on one core beside gen-data): continues the committed drafter on the corpus so far
 #   (x2) and 3000 human conversations with target labels; step 0 of its learning curve is where the drafter starts.
-#   GROW=N deepens it to N layers first (new layers from the target's top ones, drafting unchanged at step 0).
+#   GROW=N deepens it to N layers first (new layers from the target's top ones, drafting unchanged at step 0);
+#   LOSS=ce|kl changes the loss (default dspark); EXTRA passes more train flags.
 # INSTALL=0: leave drafters/ as it is (the shipped weights are committed; only RECIPE=mix installs by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,7 +102,7 @@ PY
       --data "$DATA" --heldout "$HELD" --eval-every "${EVAL_EVERY:-10}" --steps "$STEPS" --batch-size 2 --micro-batch-size 2 \
       --anchors-per-seq "${ANCHORS:-0}" --max-len 512 --lr "${LR:-3e-4}" --warmup-frac 0.02 --min-lr-frac 0.1 --ce-labels target \
       --save-every 10 --threads 1 --save-dtype bfloat16 --out "$OUT" $([ -d "$OUT/checkpoints" ] && echo --resume "$OUT") \
-      $([ -n "${GROW:-}" ] && echo --grow-layers "$GROW") 2>> "$RUNS/train-warm.log"
+      --loss "${LOSS:-dspark}" $([ -n "${GROW:-}" ] && echo --grow-layers "$GROW") ${EXTRA:-} 2>> "$RUNS/train-warm.log"
     exit 0
     ;;
   *) echo "RECIPE=$RECIPE: expected mix, own, campaign or warm" >&2; exit 2 ;;

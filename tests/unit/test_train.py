@@ -92,7 +92,8 @@ def hand_loss(m: DSparkDrafter, feats, logits, ids, mask, anchors, loss_type="ds
                 zc = float(w_conf @ torch.cat([h[k], e]) + m.confidence_head.proj.bias[0])
                 sig = 1 / (1 + math.exp(-zc))
                 bce = -(c * math.log(sig) + (1 - c) * math.log(1 - sig))
-                per = (0.1 * ce + 0.9 * l1 if loss_type == "dspark" else ce) + bce
+                kl = sum(p[v] * (math.log(p[v]) - math.log(q[v])) for v in draft_ids)
+                per = {"dspark": 0.1 * ce + 0.9 * l1, "ce": ce, "kl": kl}[loss_type] + bce
                 w = math.exp(-k / 4)
                 total += w * per
                 weights += w
@@ -117,7 +118,7 @@ def toy_batch(seed=0, vocab=101, width=96):
 @pytest.mark.parametrize("loss_type,markov_rank,draft_vocab,ce_labels",
                          [("dspark", 8, None, "data"), ("ce", 8, None, "data"), ("ce", 0, None, "data"),
                           ("dspark", 8, 40, "data"), ("ce", 0, 40, "data"), ("dspark", 8, None, "target"),
-                          ("ce", 8, 40, "target")])
+                          ("ce", 8, 40, "target"), ("kl", 8, None, "data"), ("kl", 0, 40, "data")])
 def test_loss_matches_hand_computation(loss_type, markov_rank, draft_vocab, ce_labels):
     # ("ce", 0) = the DFlash baseline; draft_vocab 40 = a reduced draft vocabulary (d2t) of the 101 target ids;
     # ce_labels "target" = CE against the target's argmax instead of the data's next token
@@ -304,6 +305,29 @@ def test_resume_continues_exactly(tiny_llama_dir, chat_file, tmp_path, draft_voc
     # A changed data setting would silently break exactness: refused with a clear message.
     assert trainer.main(cli_args(tiny_llama_dir, chat_file, tmp_path / "x", "--steps", "6", "--resume", str(ckpt),
                                  "--seed", "1")) == 2
+
+
+def test_top_layers_lr_scales_only_their_updates(tiny_llama_dir, chat_file, tmp_path):
+    """--top-layers-lr 1:X: one AdamW step moves the top layer X times as far (Adam's first step and its weight
+    decay are both linear in the learning rate) and every other weight exactly as at 1x."""
+    weights = {}
+    for mult in (1, 2, 4):
+        out = tmp_path / f"x{mult}"
+        assert trainer.main(cli_args(tiny_llama_dir, chat_file, out, "--layers", "2", "--steps", "1",
+                                     "--top-layers-lr", f"1:{mult}")) == 0
+        weights[mult] = load_drafter(out, tiny_llama_dir).state_dict()
+    top = [k for k in weights[1] if k.startswith("layers.1.")]
+    assert top and any(k.startswith("layers.0.") for k in weights[1])
+    for k in weights[1]:
+        w1, w2, w4 = (weights[m][k].double() for m in (1, 2, 4))
+        if k in top:  # w_m = w_0 + m * delta: w4 - w1 = 3 (w2 - w1), and the step did move them
+            assert (w2 - w1).abs().max() > 0 and torch.allclose(w4 - w1, 3 * (w2 - w1), atol=1e-6), k
+        else:
+            assert torch.equal(w1, w2) and torch.equal(w1, w4), k
+    bad = trainer.build_parser().parse_args(cli_args(tiny_llama_dir, chat_file, tmp_path / "y", "--layers", "2",
+                                                     "--top-layers-lr", "3:2"))
+    with pytest.raises(ValueError, match=r"--top-layers-lr='3:2': expected 1 <= N <= 2 \(the drafter's layers\)"):
+        trainer.train(bad)
 
 
 def _free_port() -> int:

@@ -8,6 +8,8 @@ The Markov head is teacher-forced: the previous token of query k is x_{a+k} (anc
 Per supervised position k (0-based), with w_k = exp(-k/4):
     dspark: L_k = 0.1 * CE(q_k, x_{a+1+k}) + 0.9 * ||q_k - p_k||_1 + BCE(conf_k, c*_k)
     ce:     L_k = CE(q_k, x_{a+1+k}) + BCE(conf_k, c*_k)       (the DFlash baseline; BCE only with a conf head)
+    kl:     L_k = KL(p_k || q_k) + BCE(conf_k, c*_k)          (distillation of the whole distribution; over a
+            draft vocabulary, sum_v p_k(v) log(p_k(v) / q_k(v)) over its ids)
 where p_k = softmax(target logits at a+k) and c*_k = clamp(1 - ||q_k - p_k||_1 / 2, 0, 1) = 1 - TV, detached (the
 probability that a T=1 speculative sampler accepts position k). Supervision of a block stops at its first
 position whose label lies outside the loss mask or past the sequence end. The loss is
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from ..model.drafter import DSparkDrafter
 from ..model.layers import BlockLayout
 
-LOSS_TYPES = ("dspark", "ce")
+LOSS_TYPES = ("dspark", "ce", "kl")
 CE_LABELS = ("data", "target")
 CE_WEIGHT, L1_WEIGHT, BCE_WEIGHT = 0.1, 0.9, 1.0  # DeepSpec's mix
 DECAY = 4.0  # w_k = exp(-k / DECAY)
@@ -196,7 +198,8 @@ def dspark_loss(
     draft_ids = drafter.draft_token_ids  # [Vd] target ids, None = the whole vocabulary
     if draft_ids is None:
         ce = F.nll_loss(logq, labels, reduction="none")
-        l1 = (logq.exp() - p_u[inv]).abs().sum(-1)
+        p_d = p_u[inv]
+        l1 = (logq.exp() - p_d).abs().sum(-1)
     else:  # q is zero outside the draft vocabulary: that part of the L1 is the target's mass there
         p_d = p_u[:, draft_ids][inv]  # [N, Vd]
         l1 = (logq.exp() - p_d).abs().sum(-1) + (1 - p_d.sum(-1)).clamp(min=0)
@@ -205,7 +208,12 @@ def dspark_loss(
         labels_d = t2d[labels]  # labels outside the draft vocabulary carry no CE (they cannot be drafted)
         ce = F.nll_loss(logq, labels_d.clamp(min=0), reduction="none") * (labels_d >= 0)
     accept = (1 - l1.detach() / 2).clamp(0, 1)  # c* = 1 - TV
-    per = CE_WEIGHT * ce + L1_WEIGHT * l1 if loss_type == "dspark" else ce
+    if loss_type == "dspark":
+        per = CE_WEIGHT * ce + L1_WEIGHT * l1
+    elif loss_type == "kl":
+        per = (p_d * (p_d.clamp(min=1e-30).log() - logq)).sum(-1)
+    else:
+        per = ce
     if drafter.confidence_head is not None:
         conf = drafter.confidence_head.logit(h_sup, e)
         per = per + BCE_WEIGHT * F.binary_cross_entropy_with_logits(conf, accept, reduction="none")

@@ -265,12 +265,14 @@ def train(args: argparse.Namespace) -> list[dict]:
     module: nn.Module = LossModule(drafter, args.loss, args.ce_labels)
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=None)
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    groups = param_groups(drafter, args.top_layers_lr)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     start, totals = 0, dict(blocks=0, seconds=0.0)
     if resume_state is not None:
         totals.update(resume_state.get("totals") or {})
         optimizer.load_state_dict(resume_state["optimizer"])
+        for group, want in zip(optimizer.param_groups, groups):  # loading replaced the groups' settings
+            group["lr_mult"] = want["lr_mult"]
         start = resume_state["step"]
         rng = resume_state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -294,12 +296,12 @@ def train(args: argparse.Namespace) -> list[dict]:
         t0 = time.perf_counter()
         lr = get_lr(step, args.steps, args.lr, args.warmup_frac, args.min_lr_frac)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         idx = batch_indices(step, args.batch_size, len(examples), args.seed)
         sample_ids = [step * args.batch_size + j for j in range(args.batch_size)]
         loss, stats, tokens, blocks = train_step(module, target, [examples[i] for i in idx], sample_ids,
                                                  args=args, pad_id=pad_id)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -334,6 +336,26 @@ def train(args: argparse.Namespace) -> list[dict]:
         with folded(drafter, scale):
             save_drafter(drafter, out, dtype=getattr(torch, args.save_dtype))
     return records
+
+
+def param_groups(drafter: DSparkDrafter, top_layers_lr: str | None) -> list[dict]:
+    """AdamW groups: "N:X" trains the top N draft layers at X times the learning rate (e.g. layers just added
+    by --grow-layers, which start from zero output projections), everything else at 1x."""
+    trainable = [(n, p) for n, p in drafter.named_parameters() if p.requires_grad]
+    if not top_layers_lr:
+        return [dict(params=[p for _, p in trainable], lr_mult=1.0)]
+    try:
+        n_top, mult = top_layers_lr.split(":")
+        n_top, mult = int(n_top), float(mult)
+    except ValueError:
+        raise ValueError(f"--top-layers-lr={top_layers_lr!r}: expected N:X, e.g. 2:5 (top 2 layers at 5x the lr)")
+    n_layers = len(drafter.layers)
+    if not 0 < n_top <= n_layers or mult <= 0:
+        raise ValueError(f"--top-layers-lr={top_layers_lr!r}: expected 1 <= N <= {n_layers} (the drafter's layers) "
+                         f"and X > 0")
+    top = tuple(f"layers.{i}." for i in range(n_layers - n_top, n_layers))
+    return [dict(params=[p for n, p in trainable if not n.startswith(top)], lr_mult=1.0),
+            dict(params=[p for n, p in trainable if n.startswith(top)], lr_mult=mult)]
 
 
 def _compact(values: list[float]) -> str:
@@ -373,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--grow-layers", type=int, default=0, metavar="N",
                     help="with --init: deepen it to N layers, the new ones from the target's top layers with zero "
                          "output projections (the drafter starts out drafting what --init did)")
+    ap.add_argument("--top-layers-lr", metavar="N:X",
+                    help="train the top N draft layers at X times --lr (e.g. the layers --grow-layers adds)")
     ap.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per global batch")
     ap.add_argument("--micro-batch-size", type=int, default=d["micro_batch_size"],
@@ -391,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], help="newest step_* kept")
     ap.add_argument("--resume", help="checkpoint folder, or a previous --out (its newest checkpoint)")
     ap.add_argument("--loss", choices=LOSS_TYPES, default=d["loss"],
-                    help="dspark = 0.1 CE + 0.9 L1 + BCE; ce = the DFlash baseline (CE + BCE)")
+                    help="dspark = 0.1 CE + 0.9 L1 + BCE; ce = the DFlash baseline (CE + BCE); "
+                         "kl = KL(target || drafter) + BCE")
     ap.add_argument("--ce-labels", choices=CE_LABELS, default=d["ce_labels"],
                     help="CE target: the data's next token (DeepSpec) or the target's greedy token there")
     ap.add_argument("--heldout", help="JSONL of target-written conversations never trained on (ids excluded "
