@@ -38,6 +38,9 @@ SUPPORTED_ROPE_TYPES = {
     "yarn": ("factor", "original_max_position_embeddings"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
+# The most tokens a copied (suffix) draft may verify: past the drafter's block only copies run on, and a loop
+# the target is in is accepted whole.
+MAX_COPY_TOKENS = 32
 DEFAULT_ROPE_THETA = 10_000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta (and vLLM's get_rope)
 # Keys that change the rotation in ways the draft layers do not implement: refused, never ignored.
 _ROPE_UNSUPPORTED_KEYS = ("mrope_section", "mrope_interleaved", "use_fope", "rope_dim", "alpha")
@@ -338,11 +341,15 @@ class DSparkConfig:
                        f"one of {list(SUPPORTED_MARKOV_HEAD_TYPES)}: the '{self.markov_head_type}' variant "
                        "(DeepSpec code, unused by its configs) is not implemented by vllm-dspark yet")
 
-    def check_num_speculative_tokens(self, k: int) -> None:
-        if not isinstance(k, int) or k < 1 or k > self.max_draft_tokens:
-            raise _bad("num_speculative_tokens", k,
-                       f"an integer in [1, {self.max_draft_tokens}] (the drafter was trained with "
-                       f"block_size={self.block_size}; more tokens would be drafted blind)")
+    def check_num_speculative_tokens(self, k: int, copying: bool = False) -> None:
+        """``copying``: suffix drafts are on (sources hybrid or suffix); they may run past the drafter's block,
+        up to MAX_COPY_TOKENS (the drafter still drafts at most its block)."""
+        top = max(self.max_draft_tokens, MAX_COPY_TOKENS) if copying else self.max_draft_tokens
+        if not isinstance(k, int) or k < 1 or k > top:
+            why = (f"drafts past the drafter's block of {self.max_draft_tokens} are copied ones" if copying else
+                   f"the drafter was trained with block_size={self.block_size}; more tokens would be drafted "
+                   f"blind; with sources hybrid or suffix, copied drafts may reach {MAX_COPY_TOKENS}")
+            raise _bad("num_speculative_tokens", k, f"an integer in [1, {top}] ({why})")
 
     def check_target(self, target: Mapping[str, Any] | Any) -> None:
         """Validate against a target's HF config (dict or PretrainedConfig)."""

@@ -43,7 +43,7 @@ def check_dspark(additional_config: Any, num_speculative_tokens: Any, target: Ma
     cfg = DSparkConfig.load(drafter)
     if target is not None:
         cfg.check_target(target)
-    cfg.check_num_speculative_tokens(num_speculative_tokens)
+    cfg.check_num_speculative_tokens(num_speculative_tokens, copying=settings.sources != "drafter")
     if weights:
         from .checkpoint import read_weights, validate_weights
 

@@ -153,17 +153,18 @@ def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
     _close(llm)
 
 
-@pytest.mark.parametrize("sources,mode", [("hybrid", "adaptive"), ("suffix", "fixed")])
-def test_suffix_drafts_stay_lossless_and_are_counted_by_source(vllm_env, drafters, sources, mode):
+@pytest.mark.parametrize("sources,mode,k", [("hybrid", "adaptive", 3), ("suffix", "fixed", 3),
+                                            ("hybrid", "adaptive", 9), ("suffix", "fixed", 9)])
+def test_suffix_drafts_stay_lossless_and_are_counted_by_source(vllm_env, drafters, sources, mode, k):
     """Hybrid drafting: requests whose text repeats get drafts copied from it (alone, or spliced before the
     drafter's), the others the drafter's; sources=suffix never runs the drafter. Greedy output unchanged, every
     copied draft starts with a token that followed an earlier occurrence of the text's last two tokens, and the
-    counts per source add up to vLLM's."""
+    counts per source add up to vLLM's. K = 9 > the drafter's block (4): only copies run past it."""
     target, drafter_dir = drafters["qwen3"]
     prompts = [SHARED + "and the water was good and the day was long and the water was"] + _prompts(3)
     base = _generate(_llm(target, enable_prefix_caching=False), prompts, max_tokens=32)
     gc.collect()
-    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"sources": sources, "mode": mode})
+    llm = _llm(target, drafter_dir, k=k, enable_prefix_caching=False, extra={"sources": sources, "mode": mode})
     spec = _generate(llm, prompts, max_tokens=32)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
     prop = _proposer(llm)
@@ -187,6 +188,11 @@ def test_suffix_drafts_stay_lossless_and_are_counted_by_source(vllm_env, drafter
     assert prop.stats.kind_rounds.get("suffix", 0) > 0
     if sources == "suffix":
         assert set(prop.stats.kind_rounds) == {"suffix"}
+    block = prop.cfg.max_draft_tokens
+    assert all(len(r["drafts"]) <= min(k, block) for r in prop.records if r["source"] == "drafter")
+    assert all(len(r["drafts"]) <= k for r in prop.records)
+    if k > block:
+        assert max(len(r["drafts"]) for r in copied) > block
     _close(llm)
 
 
@@ -275,7 +281,9 @@ def _startup_error(target, drafter, k=3, extra=None) -> str:
 
 def test_startup_validation_errors(vllm_env, drafters, tmp_path):
     target, good = drafters["llama"]
-    assert "num_speculative_tokens=5: expected an integer in [1, 4]" in _startup_error(target, good, k=5)
+    assert "num_speculative_tokens=5: expected an integer in [1, 4]" in _startup_error(
+        target, good, k=5, extra={"sources": "drafter"})
+    assert "num_speculative_tokens=33: expected an integer in [1, 32]" in _startup_error(target, good, k=33)
     assert "unknown key(s) 'drafterr' (did you mean 'drafter'?)" in _startup_error(target, good, extra={"drafterr": 1})
     missing = tmp_path / "nope"
     assert "nope" in _startup_error(target, missing)

@@ -118,7 +118,7 @@ SHIPPED = Path(__file__).resolve().parents[2] / "drafters" / "smollm2-135m-dspar
         # the SmolLM2 drafter (vocab 49152) for the tiny Llama (vocab 512)
         (["--drafter", str(SHIPPED)], "vocab_size=49152: expected the target's vocab_size=512 (drafter for another"),
         # a hub id, not a folder: no target check, the rest still runs
-        (["--drafter", str(SHIPPED), "-k", "9", "--model", "org/model"],
+        (["--drafter", str(SHIPPED), "-k", "9", "--model", "org/model", ADD, '{"dspark": {"sources": "drafter"}}'],
          "num_speculative_tokens=9: expected an integer in [1, 7]"),
         (["--drafter", str(SHIPPED), ADD, '{"dspark": {"topK": 8}}'], "unknown key(s) 'topK' (did you mean 'topk'?)"),
         ([SPEC, '{"method": "custom_class" "model": "x"}'],

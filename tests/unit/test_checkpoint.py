@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_dspark import cli
 from vllm_dspark.checkpoint import load_drafter, read_weights, save_drafter
-from vllm_dspark.config import DSparkConfig, DSparkConfigError
+from vllm_dspark.config import MAX_COPY_TOKENS, DSparkConfig, DSparkConfigError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -467,6 +467,18 @@ def test_num_speculative_tokens_is_checked_against_the_trained_block(deepspec_di
         cfg.check_num_speculative_tokens(k)
 
 
+@pytest.mark.parametrize("k, ok", [(BLOCK + 1, True), (MAX_COPY_TOKENS, True), (MAX_COPY_TOKENS + 1, False)])
+def test_num_speculative_tokens_may_pass_the_block_when_copying(deepspec_dir, target_dir, k, ok):
+    cfg = load_drafter(deepspec_dir, target=target_dir).cfg
+    if ok:
+        cfg.check_num_speculative_tokens(k, copying=True)
+        return
+    with pytest.raises(DSparkConfigError, match=re.escape(
+            f"num_speculative_tokens={k}: expected an integer in [1, {MAX_COPY_TOKENS}] (drafts past the drafter's "
+            f"block of {BLOCK} are copied ones)")):
+        cfg.check_num_speculative_tokens(k, copying=True)
+
+
 def test_truncated_safetensors_file_is_named(deepspec_dir, target_dir):
     file = deepspec_dir / "model.safetensors"
     data = file.read_bytes()
@@ -559,7 +571,7 @@ def test_console_script_exit_codes(tmp_path, deepspec_dir, target_dir):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == (f"vllm-dspark check: num_speculative_tokens={BLOCK + 1}: expected an integer in "
                                   f"[1, {BLOCK}] (the drafter was trained with block_size={BLOCK}; more tokens "
-                                  "would be drafted blind)")
+                                  "would be drafted blind; with sources hybrid or suffix, copied drafts may reach 32)")
 
 
 @pytest.mark.parametrize("target_layers, expected_ids", [(8, [1, 2, 4, 5, 6]), (24, [1, 6, 12, 17, 22]), (4, [1, 2])])

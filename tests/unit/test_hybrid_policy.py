@@ -110,3 +110,22 @@ def test_the_ranked_search_is_as_fast_as_trying_every_subset(seed):
             planned[r, n:] = surv[r, n - 1] * d[n:] / d[n - 1]
     got = plan_block_lengths(planned, cost.steps_per_second(R, int((codes > 0).sum())), caps, scan=True).throughput
     assert got >= 0.99 * best_by_search(p, surv, lengths, caps)
+
+
+def test_past_the_drafters_block_only_copies_run_on():
+    # K = 6 verified at most, the drafter drafts 3: its rows survive nothing past 3, and a copy of 3 or more tokens
+    # cannot be spliced (the drafter has no block left to continue it).
+    p = SpeedPolicy(6, drafter_k=3)
+    p.cost, p.expected = FakeCost(c=0.0, d=0.0), np.array([0.9, 0.8, 0.7, 0.0, 0.0, 0.0])
+    d = p.drafter_survival()
+    assert d[3:].tolist() == [0.0] * 3 and d[0] > 0
+    surv = np.zeros((3, 6))
+    surv[0, :6] = np.cumprod([0.99] * 6)  # a sure loop: kept whole, past the drafter's block
+    surv[1, :3] = np.cumprod([0.5] * 3)  # 3 weak copied tokens: the drafter instead, never a splice
+    surv[2, :1] = 0.99  # one sure token: spliced
+    codes = p.sources(surv, np.array([6, 3, 1]), [6] * 3, batch=3)
+    assert codes.tolist() == [0, 1, 2]
+    lengths = p.lengths(np.vstack([np.r_[d[:3], 0, 0, 0], surv[0]]), [6, 6], batch=2, drafted=1)
+    assert lengths[0] <= 3 and lengths[1] == 6
+    with pytest.raises(ValueError, match="expected 1 <= drafter_k <= k, got k=3, drafter_k=4"):
+        SpeedPolicy(3, drafter_k=4)

@@ -62,9 +62,25 @@ def test_copied_drafts_hand_one_hot_q_next_to_the_drafters():
     prop.cfg = type("Cfg", (), {"vocab_size": 6})()
     q = torch.softmax(torch.randn(1, 3, 6), -1)
     block = DraftBlock(torch.tensor([[1, 2, 3]]), None, q=q)
-    probs, ids = prop._draft_probs(block, ["a"], [("b", [4, 0]), ("c", [5, 5, 5])])
+    probs, ids = prop._draft_probs(block, ["a"], [("b", [4, 0]), ("c", [5, 5, 5])], 3)
     assert ids == ["a", "b", "c"] and probs.shape == (3, 3, 6)
     assert torch.equal(probs[0], q[0])
     assert probs[1].argmax(-1).tolist()[:2] == [4, 0] and probs[1, :2].sum().item() == 2.0
     assert probs[1, 2].sum().item() == 0.0  # past the copied draft: never read (vLLM reads num_draft rows)
     assert probs[2].argmax(-1).tolist() == [5, 5, 5] and (probs[2].max(-1).values == 1.0).all()
+
+
+def test_copies_past_the_drafters_block_get_q_rows_that_long():
+    """K = 5 with a drafter block of 2: the drafter's q is padded with zero rows (never read: it drafted 2), a
+    copied draft of 5 gets all 5 one-hot rows."""
+    import torch
+
+    from vllm_dspark.drafting import DraftBlock
+
+    prop = _bare_proposer(k=5)
+    prop.cfg = type("Cfg", (), {"vocab_size": 6})()
+    q = torch.softmax(torch.randn(1, 2, 6), -1)
+    probs, ids = prop._draft_probs(DraftBlock(torch.tensor([[1, 2]]), None, q=q), ["a"], [("b", [4, 3, 2, 1, 0])], 5)
+    assert ids == ["a", "b"] and probs.shape == (2, 5, 6)
+    assert torch.equal(probs[0, :2], q[0]) and probs[0, 2:].sum().item() == 0.0
+    assert probs[1].argmax(-1).tolist() == [4, 3, 2, 1, 0] and probs[1].sum().item() == 5.0

@@ -69,7 +69,10 @@ class DSparkProposer:
         self._pending: dict[str, tuple[str, SuffixDraft | None]] = {}
         self.suffix = SuffixDrafter(cache_tokens=self.settings.suffix_cache_tokens)
         self.adaptive = self.settings.mode == "adaptive" and self.cfg.enable_confidence_head
-        self.policy = SpeedPolicy(self.num_spec_tokens, self.settings.probe_interval, self.settings.probe_interval_max)
+        # K may exceed the drafter's block (preflight allows it when copying): past it only copied drafts run on.
+        self.draft_k = min(self.num_spec_tokens, self.cfg.max_draft_tokens)
+        self.policy = SpeedPolicy(self.num_spec_tokens, self.settings.probe_interval, self.settings.probe_interval_max,
+                                  drafter_k=self.draft_k)
         cal = Path(self.settings.drafter) / CALIBRATION_FILE
         self.calibration = load_calibration(cal)[0] if cal.exists() else None  # from `vllm-dspark calibrate`
         self._step_start: float | None = None  # when the step in progress started
@@ -200,6 +203,7 @@ class DSparkProposer:
                  token_ids_cpu: np.ndarray | None) -> int:
         """Fill ``out`` with drafts; returns the requests the drafter ran for."""
         k = max(0, min(self.num_spec_tokens, self._budget))
+        kd = min(k, self.draft_k)  # the drafter's drafts per request
         # A seeded request's output must be a function of its prompt, parameters and seed alone (vLLM users rely
         # on that): it always drafts its full cap from the drafter, with noise keyed by its seed and position; the
         # policy (timing, the batch) plans only the others, and is asked first so that a step it leaves plain
@@ -261,10 +265,10 @@ class DSparkProposer:
             prefix = [copied[j].tokens if kind.get(j) == "splice" else [] for j in drafted] if spliced else None
             block = draft_block(self.drafter, self.store.gather(req_ids),
                                 torch.tensor([anchors[j] for j in drafted], dtype=torch.int64, device=device),
-                                k, temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q,
+                                kd, temperature=temperature, seed=seed, topk=self.settings.topk, return_q=want_q,
                                 block_drafts=self.cfg.max_draft_tokens if self.settings.full_block else None,
                                 prefix=prefix)
-            tokens = [t[:k] for t in block.tokens.tolist()]
+            tokens = [t[:kd] for t in block.tokens.tolist()]
             conf = block.confidence.tolist() if block.confidence is not None else None
         order = pure + spliced + copy_only + seeded  # free rows first: the policy plans them
         ran = len(pure) + len(spliced)
@@ -293,7 +297,7 @@ class DSparkProposer:
             self.stats.length_hist[len(out[i])] = self.stats.length_hist.get(len(out[i]), 0) + 1
         self.stats.drafted_requests += len(order)
         if want_q:
-            self._last_probs = self._draft_probs(block, req_ids, q_rows)
+            self._last_probs = self._draft_probs(block, req_ids, q_rows, k)
         return len(drafted)
 
     def _suffix_drafts(self, free, rows, caps, temps, num_tokens, token_ids) -> dict[int, SuffixDraft]:
@@ -328,8 +332,10 @@ class DSparkProposer:
         """[planned rows, k] survival the policy plans with: the drafter's calibrated confidences (its own rows),
         each splice's suffix survival and then the drafter's past it, then the suffix drafts' own."""
         n = pure + len(spliced)
-        drafter = survival(block.confidence_logit[:n, :k].float().cpu().numpy(), self.calibration) if n else \
-            np.zeros((0, k))
+        drafter = np.zeros((n, k))
+        if n:
+            kd = min(k, block.confidence_logit.shape[1])
+            drafter[:, :kd] = survival(block.confidence_logit[:n, :kd].float().cpu().numpy(), self.calibration)
         out = np.zeros((n + len(copy_only), k))
         out[:n] = drafter
         for r, d in enumerate(spliced, start=pure):
@@ -340,10 +346,12 @@ class DSparkProposer:
             out[r, :m] = d.survival[:m]
         return out
 
-    def _draft_probs(self, block, req_ids: list[str], q_rows: list[tuple[str, list[int]]]):
-        """q for vLLM's rejection sampler: the drafter's rows, then one-hot rows for copied drafts (vLLM takes q
-        for every drafting request or for none)."""
+    def _draft_probs(self, block, req_ids: list[str], q_rows: list[tuple[str, list[int]]], k: int):
+        """q for vLLM's rejection sampler, [rows, k, V]: the drafter's rows, then one-hot rows for copied drafts
+        (vLLM takes q for every drafting request or for none; copies may run past the drafter's block)."""
         q = block.dense_q(self.cfg.vocab_size)
+        if q.shape[1] < k:
+            q = torch.cat([q, q.new_zeros(q.shape[0], k - q.shape[1], q.shape[2])], dim=1)
         if q_rows:
             one_hot = q.new_zeros(len(q_rows), q.shape[1], q.shape[2])
             for r, (_, toks) in enumerate(q_rows):

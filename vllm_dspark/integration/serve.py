@@ -28,7 +28,7 @@ vllm-dspark serve MODEL [--drafter DIR [-k K]] [vLLM serve options]
 
 DSpark options (all other options go to `vllm serve` unchanged; its help follows):
   --drafter DIR                   serve with speculative decoding by the DSpark drafter in DIR
-  -k, --num-speculative-tokens K  tokens drafted per step, at most the drafter's block (default: {DEFAULT_NUM_SPECULATIVE_TOKENS})
+  -k, --num-speculative-tokens K  tokens drafted per step, at most the drafter's block, or 32 for copied drafts (default: {DEFAULT_NUM_SPECULATIVE_TOKENS})
 
 Checked before vLLM starts (exit 2 with one line): the drafter, K, the settings below, and the JSON of
 --speculative-config / --additional-config. On CPU the KV cache defaults to a quarter of the memory available

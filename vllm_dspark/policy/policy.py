@@ -85,10 +85,13 @@ class SpeedPolicy:
     # position is verified rarely, its few outcomes would swing it, and a head's error carries over.
     TRUST_PRIOR = 5.0
 
-    def __init__(self, k: int, pause_base: int = 32, pause_cap: int = 1024):
-        if k < 1:
-            raise ValueError(f"SpeedPolicy: expected k >= 1, got {k}")
+    def __init__(self, k: int, pause_base: int = 32, pause_cap: int = 1024, drafter_k: int | None = None):
+        """``k``: the most drafts a request verifies; ``drafter_k`` (default k): the most the drafter drafts (past
+        it only copied drafts run on)."""
+        if k < 1 or (drafter_k is not None and not 1 <= drafter_k <= k):
+            raise ValueError(f"SpeedPolicy: expected 1 <= drafter_k <= k, got k={k}, drafter_k={drafter_k}")
         self.k = k
+        self.drafter_k = k if drafter_k is None else drafter_k
         self.cost = StepCost()
         self.pause = DraftPause(pause_base, pause_cap)
         self.expected: np.ndarray | None = None  # [K] mean survival per position the drafter's confidences give
@@ -176,8 +179,11 @@ class SpeedPolicy:
     def drafter_survival(self) -> np.ndarray:
         """[K] what a drafter row is expected to survive, position by position (before it drafts)."""
         if self.expected is None:  # nothing drafted yet: a modest guess, so that the drafter gets to run
-            return np.cumprod(np.full(self.k, 0.5))
-        return np.minimum(self.expected * self.trust(), 1.0)
+            out = np.cumprod(np.full(self.k, 0.5))
+        else:
+            out = np.minimum(self.expected * self.trust(), 1.0)
+        out[self.drafter_k:] = 0.0
+        return out
 
     def sources(self, suffix, suffix_lengths, caps, batch: int, drafter: bool = True) -> np.ndarray:
         """Per request, where its drafts come from: 0 = its suffix draft alone (or none), 1 = the drafter,
@@ -196,7 +202,7 @@ class SpeedPolicy:
         d = self.drafter_survival()[:k]
         lengths = np.asarray(suffix_lengths, dtype=np.int64)
         splice = suffix.copy()
-        for r in np.flatnonzero((lengths > 0) & (lengths < k)):
+        for r in np.flatnonzero((lengths > 0) & (lengths < min(k, self.drafter_k))):  # the drafter continues it
             n = lengths[r]
             splice[r, n:] = suffix[r, n - 1] * d[n:] / max(d[n - 1], 1e-9)
         use_splice = splice.sum(1) > d.sum()
