@@ -162,7 +162,7 @@ class DSparkProposer:
                 rows.append((req_id, step.starts[i], feats[start:stop]))
         if self._step_start is not None:
             self._step = StepReport(period=0.0, forward=t0 - self._step_start, tokens=qsl[-1], batch=n_req,
-                                    verified=any(drafts), rounds=rounds,
+                                    verified=any(drafts), rounds=rounds, committed=sum(map(len, sampled_token_ids)),
                                     prefill=any(qsl[i + 1] - qsl[i] > 1 + drafts[i] for i in range(n_req)))
         index = {r: i for i, r in enumerate(step.req_ids)}
         for req_id, pos in self.store.append_step(rows, lambda r: step.token_ids[index[r]]):

@@ -29,6 +29,7 @@ class StepReport:
     drafter: float = 0.0  # seconds the drafter ran in it (for the next step)
     drafted: int = 0  # requests the drafter ran for
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) of its drafter rounds
+    committed: int = 0  # tokens it gave the requests (accepted drafts and one sampled token each); 0 = not counted
 
     @property
     def speculative(self) -> bool:
