@@ -72,7 +72,7 @@ class DSparkProposer:
         # K may exceed the drafter's block (preflight allows it when copying): past it only copied drafts run on.
         self.draft_k = min(self.num_spec_tokens, self.cfg.max_draft_tokens)
         self.policy = SpeedPolicy(self.num_spec_tokens, self.settings.probe_interval, self.settings.probe_interval_max,
-                                  drafter_k=self.draft_k)
+                                  drafter_k=self.draft_k, realized_check=self.settings.realized_check)
         cal = Path(self.settings.drafter) / CALIBRATION_FILE
         self.calibration = load_calibration(cal)[0] if cal.exists() else None  # from `vllm-dspark calibrate`
         self._step_start: float | None = None  # when the step in progress started

@@ -141,18 +141,20 @@ class StepCost:
         self.drafter = LinearCost(overhead_tokens=4.0)  # vs requests drafted (~4:1 fixed : per request, SmolLM2)
         self.rest = {False: LinearCost(overhead_tokens=4.0), True: LinearCost(overhead_tokens=4.0)}  # vs batch
 
-    def observe(self, report: StepReport) -> None:
+    def observe(self, report: StepReport) -> bool:
+        """-> whether the report's period is what a decode step cost (not a prefill, not the engine idling)."""
         self.forward.observe(report.tokens, report.forward)
         if report.drafted:
             self.drafter.observe(report.drafted, report.drafter)
         if report.prefill:
-            return
+            return False
         rest = report.period - report.forward - report.drafter
         kind = report.speculative
         usual = self._rest(kind, report.batch)
         if rest > max(self.IDLE_FORWARDS * report.forward, self.IDLE_RESTS * usual) and usual > 0:
-            return
+            return False
         self.rest[kind].observe(report.batch, max(rest, 1e-6))
+        return True
 
     def _rest(self, speculative: bool, batch: int) -> float:
         for kind in (speculative, not speculative):

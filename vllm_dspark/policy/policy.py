@@ -63,7 +63,8 @@ class Realized:
         self.plain: dict[int, list[float]] = {}  # batch -> [EMA tokens, EMA seconds, steps]
 
     def observe(self, report: StepReport) -> None:
-        if report.prefill or report.committed <= 0 or not report.period > 0:
+        """A decode step's report (the caller leaves out prefills and idle waits)."""
+        if report.committed <= 0 or not report.period > 0:
             return
         if report.speculative:
             acc = self.spec.setdefault(report.batch, [0.0, 0.0, 0])
@@ -127,9 +128,11 @@ class SpeedPolicy:
     # position is verified rarely, its few outcomes would swing it, and a head's error carries over.
     TRUST_PRIOR = 5.0
 
-    def __init__(self, k: int, pause_base: int = 32, pause_cap: int = 1024, drafter_k: int | None = None):
+    def __init__(self, k: int, pause_base: int = 32, pause_cap: int = 1024, drafter_k: int | None = None,
+                 realized_check: bool = True):
         """``k``: the most drafts a request verifies; ``drafter_k`` (default k): the most the drafter drafts (past
-        it only copied drafts run on)."""
+        it only copied drafts run on); ``realized_check``: pause speculation where it gave fewer tokens/s than plain
+        steps (:class:`Realized`)."""
         if k < 1 or (drafter_k is not None and not 1 <= drafter_k <= k):
             raise ValueError(f"SpeedPolicy: expected 1 <= drafter_k <= k, got k={k}, drafter_k={drafter_k}")
         self.k = k
@@ -137,6 +140,7 @@ class SpeedPolicy:
         self.cost = StepCost()
         self.pause = DraftPause(pause_base, pause_cap)
         self.realized = Realized()
+        self.realized_check = realized_check
         self.spec_pause = DraftPause(pause_base, pause_cap)  # no drafts from any source (the realized check)
         self.expected: np.ndarray | None = None  # [K] mean survival per position the drafter's confidences give
         self._expect_rows = 0.0  # rows it averages (up to EXPECT_ROWS)
@@ -154,8 +158,8 @@ class SpeedPolicy:
 
     # ------------------------------------------------------------------------------------------------ observe
     def observe(self, report: StepReport) -> None:
-        self.cost.observe(report)
-        self.realized.observe(report)
+        if self.cost.observe(report):  # an idle engine's wait is no step's cost (StepCost.IDLE_RESTS)
+            self.realized.observe(report)
         counted = self._counting.pop(self.step - 1, None)
         self._counting = {s: c for s, c in self._counting.items() if s >= self.step}
         if report.verified and counted is not None:
@@ -211,7 +215,7 @@ class SpeedPolicy:
         """Whether this step is in (or begins) a pause of all speculation, on the realized check's verdict."""
         if self.spec_pause.active(self.step, batch):
             return True
-        if batch < self.REALIZED_MIN_BATCH:
+        if batch < self.REALIZED_MIN_BATCH or not self.realized_check:
             return False
         ratio = self.realized.ratio(batch, self.REALIZED_STEPS, self.PLAIN_STEPS // 2)
         if ratio is None:
