@@ -44,9 +44,6 @@ class DSparkSettings:
     # policy.SpeedPolicy.
     probe_interval: int = 32
     probe_interval_max: int = 1024
-    # Adaptive mode: from 4 requests on, pause speculation of any source (as above) at a batch size whose
-    # speculative steps gave the requests fewer tokens per second than its plain steps did (policy.Realized).
-    realized_check: bool = True
     # Where drafts come from (vllm_dspark.suffix): "hybrid" = per request, the policy picks a suffix draft (copied
     # from the request's text or a recent output; no drafter time), the drafter, or a splice of both, whichever it
     # expects to pay best; "drafter" = the drafter alone (eval and calibrate measure it so); "suffix" = copying alone.
@@ -137,7 +134,6 @@ RULES: dict[str, Int | Bool | Choice | Text] = {
     "mode": Choice("adaptive", "fixed"),
     "probe_interval": Int(min=1),
     "probe_interval_max": Int(min=1),
-    "realized_check": Bool(),
     "sources": Choice("hybrid", "drafter", "suffix"),
     "suffix_cache_tokens": Int(min=0),
     "record": Bool(),
@@ -157,7 +153,6 @@ HELP: dict[str, str] = {
             "fixed = always K",
     "probe_interval": "adaptive: steps without drafting before trying again (doubled under load)",
     "probe_interval_max": "adaptive: the longest pause, in steps",
-    "realized_check": "adaptive: pause all speculation at a batch size where it gave fewer tokens/s than plain steps",
     "topk": "Markov bias over the top-k base candidates only (0 = dense)",
     "probabilistic": "at temperature > 0, sample drafts and hand q to vLLM's rejection sampler",
     "dtype": "drafter dtype: auto | float32 | bfloat16 | float16 (auto: float32 on CPU, the target's on GPU)",

@@ -29,10 +29,9 @@ Design (what makes the numbers comparable):
 
 Methods are a registry ``name -> engine kwargs`` (:data:`METHODS`): ``none``, ``ngram`` (K=4, lookup 2-4),
 ``dspark`` (plugin defaults: hybrid drafting, load-aware block lengths when the drafter has a confidence head, at
-most K), ``dspark-nocheck`` (the same without the realized check), ``dspark-drafter`` / ``dspark-suffix`` (one
-source alone: the drafter, or copying), ``dspark-kN`` (the drafter, always N drafts: fixed K = N),
-``dspark-adaptive-kN`` (load-aware with at most N), and the drafter alone for the ``--ablation`` drafter
-(``dspark-ablation``, ``dspark-ablation-kN``). ``ngram-kN`` sets ngram's K.
+most K), ``dspark-drafter`` / ``dspark-suffix`` (one source alone: the drafter, or copying), ``dspark-kN`` (the
+drafter, always N drafts: fixed K = N), ``dspark-adaptive-kN`` (load-aware with at most N), and the drafter alone
+for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``). ``ngram-kN`` sets ngram's K.
 E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
 ``NAME@LABEL`` runs another engine of method NAME (``--methods none,none@b,dspark``: the A/A ratio none@b / none
 is the bench's own noise).
@@ -86,7 +85,6 @@ METHODS: dict[str, Callable[[argparse.Namespace, int | None], dict]] = {
     "dspark": _dspark_from("drafter"),
     "dspark-adaptive": _dspark_from("drafter"),  # explicit name for "dspark-adaptive-kN"
     "dspark-fixed": _dspark_from("drafter", mode="fixed"),  # always K drafts, the drafter's
-    "dspark-nocheck": _dspark_from("drafter", realized_check=False),  # the default without the realized check
     # One source alone, load-aware: the drafter (its quality), or copying (suffix drafts; the drafter never runs).
     "dspark-drafter": _dspark_from("drafter", sources="drafter"),
     "dspark-suffix": _dspark_from("drafter", sources="suffix"),

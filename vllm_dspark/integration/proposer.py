@@ -72,7 +72,7 @@ class DSparkProposer:
         # K may exceed the drafter's block (preflight allows it when copying): past it only copied drafts run on.
         self.draft_k = min(self.num_spec_tokens, self.cfg.max_draft_tokens)
         self.policy = SpeedPolicy(self.num_spec_tokens, self.settings.probe_interval, self.settings.probe_interval_max,
-                                  drafter_k=self.draft_k, realized_check=self.settings.realized_check)
+                                  drafter_k=self.draft_k)
         cal = Path(self.settings.drafter) / CALIBRATION_FILE
         self.calibration = load_calibration(cal)[0] if cal.exists() else None  # from `vllm-dspark calibrate`
         self._step_start: float | None = None  # when the step in progress started
@@ -162,7 +162,7 @@ class DSparkProposer:
                 rows.append((req_id, step.starts[i], feats[start:stop]))
         if self._step_start is not None:
             self._step = StepReport(period=0.0, forward=t0 - self._step_start, tokens=qsl[-1], batch=n_req,
-                                    verified=any(drafts), rounds=rounds, committed=sum(map(len, sampled_token_ids)),
+                                    verified=any(drafts), rounds=rounds,
                                     prefill=any(qsl[i + 1] - qsl[i] > 1 + drafts[i] for i in range(n_req)))
         index = {r: i for i, r in enumerate(step.req_ids)}
         for req_id, pos in self.store.append_step(rows, lambda r: step.token_ids[index[r]]):

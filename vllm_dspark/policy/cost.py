@@ -29,7 +29,6 @@ class StepReport:
     drafter: float = 0.0  # seconds the drafter ran in it (for the next step)
     drafted: int = 0  # requests the drafter ran for
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) of its drafter rounds
-    committed: int = 0  # tokens it gave the requests (accepted drafts and one sampled token each); 0 = not counted
 
     @property
     def speculative(self) -> bool:
@@ -141,20 +140,18 @@ class StepCost:
         self.drafter = LinearCost(overhead_tokens=4.0)  # vs requests drafted (~4:1 fixed : per request, SmolLM2)
         self.rest = {False: LinearCost(overhead_tokens=4.0), True: LinearCost(overhead_tokens=4.0)}  # vs batch
 
-    def observe(self, report: StepReport) -> bool:
-        """-> whether the report's period is what a decode step cost (not a prefill, not the engine idling)."""
+    def observe(self, report: StepReport) -> None:
         self.forward.observe(report.tokens, report.forward)
         if report.drafted:
             self.drafter.observe(report.drafted, report.drafter)
         if report.prefill:
-            return False
+            return
         rest = report.period - report.forward - report.drafter
         kind = report.speculative
         usual = self._rest(kind, report.batch)
         if rest > max(self.IDLE_FORWARDS * report.forward, self.IDLE_RESTS * usual) and usual > 0:
-            return False
+            return
         self.rest[kind].observe(report.batch, max(rest, 1e-6))
-        return True
 
     def _rest(self, speculative: bool, batch: int) -> float:
         for kind in (speculative, not speculative):

@@ -14,7 +14,7 @@ import numpy as np
 from .cost import StepCost, StepReport
 from .plan import plan_block_lengths
 
-__all__ = ["DraftPause", "Realized", "SpeedPolicy"]
+__all__ = ["DraftPause", "SpeedPolicy"]
 
 
 class DraftPause:
@@ -51,42 +51,6 @@ class DraftPause:
         self.until, self.interval = 0, self.base
 
 
-class Realized:
-    """Tokens per second the requests got, measured per batch size apart for speculative and plain steps: the
-    model-free check on every plan (a plan is only as right as the cost model and the survival it counts on).
-    Speculative steps are counted since the last verdict (``restart``), plain steps as an EMA (ratio of sums)."""
-
-    PLAIN_ALPHA = 1 / 16
-
-    def __init__(self):
-        self.spec: dict[int, list[float]] = {}  # batch -> [tokens, seconds, steps] since the last verdict
-        self.plain: dict[int, list[float]] = {}  # batch -> [EMA tokens, EMA seconds, steps]
-
-    def observe(self, report: StepReport) -> None:
-        """A decode step's report (the caller leaves out prefills and idle waits)."""
-        if report.committed <= 0 or not report.period > 0:
-            return
-        if report.speculative:
-            acc = self.spec.setdefault(report.batch, [0.0, 0.0, 0])
-            acc[0], acc[1], acc[2] = acc[0] + report.committed, acc[1] + report.period, acc[2] + 1
-        else:
-            acc = self.plain.setdefault(report.batch, [float(report.committed), report.period, 0])
-            a = max(self.PLAIN_ALPHA, 1.0 / (acc[2] + 1))
-            acc[0] += a * (report.committed - acc[0])
-            acc[1] += a * (report.period - acc[1])
-            acc[2] += 1
-
-    def ratio(self, batch: int, min_spec: int, min_plain: int) -> float | None:
-        """Speculative over plain tokens/s at ``batch``, once both were seen often enough (else None)."""
-        spec, plain = self.spec.get(batch), self.plain.get(batch)
-        if spec is None or plain is None or spec[2] < min_spec or plain[2] < min_plain:
-            return None
-        return (spec[0] / spec[1]) / (plain[0] / plain[1])
-
-    def restart(self, batch: int) -> None:
-        self.spec.pop(batch, None)
-
-
 class SpeedPolicy:
     """``begin(report, batch)`` once per step before drafting: the report of the step before (None if there was
     none) and the requests the policy plans; returns the drafts to run per request (0: this step does not draft).
@@ -116,32 +80,20 @@ class SpeedPolicy:
     # requests turns on what they write, which changes fast, and their probes cost little.
     SMALL_BATCH = 2
     SMALL_PAUSE = 64
-    # The realized check (:class:`Realized`): from a batch of REALIZED_MIN_BATCH requests on, after REALIZED_STEPS
-    # speculative steps at one batch size (and PLAIN_STEPS // 2 plain ones), speculation of any source pauses when
-    # the requests got fewer tokens per second than plain steps gave them, by more than REALIZED_MARGIN. Below that
-    # batch a step that copies costs little more than a plain one, and copies that pay come and go with the text.
-    REALIZED_MIN_BATCH = 4
-    REALIZED_STEPS = 48
-    REALIZED_MARGIN = 0.01
 
     # Pseudo-counts pulling a position's trust towards the position before it (the first: towards 1): a late
     # position is verified rarely, its few outcomes would swing it, and a head's error carries over.
     TRUST_PRIOR = 5.0
 
-    def __init__(self, k: int, pause_base: int = 32, pause_cap: int = 1024, drafter_k: int | None = None,
-                 realized_check: bool = True):
+    def __init__(self, k: int, pause_base: int = 32, pause_cap: int = 1024, drafter_k: int | None = None):
         """``k``: the most drafts a request verifies; ``drafter_k`` (default k): the most the drafter drafts (past
-        it only copied drafts run on); ``realized_check``: pause speculation where it gave fewer tokens/s than plain
-        steps (:class:`Realized`)."""
+        it only copied drafts run on)."""
         if k < 1 or (drafter_k is not None and not 1 <= drafter_k <= k):
             raise ValueError(f"SpeedPolicy: expected 1 <= drafter_k <= k, got k={k}, drafter_k={drafter_k}")
         self.k = k
         self.drafter_k = k if drafter_k is None else drafter_k
         self.cost = StepCost()
         self.pause = DraftPause(pause_base, pause_cap)
-        self.realized = Realized()
-        self.realized_check = realized_check
-        self.spec_pause = DraftPause(pause_base, pause_cap)  # no drafts from any source (the realized check)
         self.expected: np.ndarray | None = None  # [K] mean survival per position the drafter's confidences give
         self._expect_rows = 0.0  # rows it averages (up to EXPECT_ROWS)
         # Per position, drafts accepted / the survival the plans counted on for them (EMA sums): how far the
@@ -158,8 +110,7 @@ class SpeedPolicy:
 
     # ------------------------------------------------------------------------------------------------ observe
     def observe(self, report: StepReport) -> None:
-        if self.cost.observe(report):  # an idle engine's wait is no step's cost (StepCost.IDLE_RESTS)
-            self.realized.observe(report)
+        self.cost.observe(report)
         counted = self._counting.pop(self.step - 1, None)
         self._counting = {s: c for s, c in self._counting.items() if s >= self.step}
         if report.verified and counted is not None:
@@ -188,9 +139,8 @@ class SpeedPolicy:
         if report is not None:
             self.observe(report)
         self.step += 1
-        self.plain_step = batch > 0 and (self.step < self._plain_until or self._wants_plain(batch)
-                                         or self._speculation_loses(batch))
-        if self.plain_step and self.step >= self._plain_until and not self.spec_pause.active(self.step, batch):
+        self.plain_step = batch > 0 and (self.step < self._plain_until or self._wants_plain(batch))
+        if self.plain_step and self.step >= self._plain_until:
             self._plain_until = self.step + self.PLAIN_STEPS
         if batch <= 0 or self.plain_step:
             return 0
@@ -210,22 +160,6 @@ class SpeedPolicy:
         self._probe_left = min(self.PROBE_STEPS, -(-self.PROBE_ROWS // batch))
         self._expect_rows = 0.0  # the probe's blocks alone will say what the drafter expects now
         return 0
-
-    def _speculation_loses(self, batch: int) -> bool:
-        """Whether this step is in (or begins) a pause of all speculation, on the realized check's verdict."""
-        if self.spec_pause.active(self.step, batch):
-            return True
-        if batch < self.REALIZED_MIN_BATCH or not self.realized_check:
-            return False
-        ratio = self.realized.ratio(batch, self.REALIZED_STEPS, self.PLAIN_STEPS // 2)
-        if ratio is None:
-            return False
-        self.realized.restart(batch)  # the next verdict counts only the steps after this one
-        if ratio >= 1.0 - self.REALIZED_MARGIN:
-            self.spec_pause.worth_it()
-            return False
-        self.spec_pause.not_worth_it(self.step, batch)
-        return True
 
     def _wants_plain(self, batch: int) -> bool:
         spec, plain, last = self._seen.get(batch, (0, 0, 0))

@@ -133,7 +133,7 @@ def simulate(policy, engine: EngineModel, phases: Sequence[Phase], k: int, seed:
             rest = (fixed + per * b) * jitter()
             period = fwd + drafter + rest
             report = StepReport(period=period, forward=fwd, tokens=tokens, batch=b, verified=bool(rounds),
-                                drafter=drafter, drafted=b if width > 0 else 0, rounds=rounds, committed=emitted)
+                                drafter=drafter, drafted=b if width > 0 else 0, rounds=rounds)
             res.tokens += emitted
             res.seconds += period
             res.drafting_steps += width > 0
