@@ -191,7 +191,7 @@ def test_suffix_drafts_stay_lossless_and_are_counted_by_source(vllm_env, drafter
     block = prop.cfg.max_draft_tokens
     assert all(len(r["drafts"]) <= min(k, block) for r in prop.records if r["source"] == "drafter")
     assert all(len(r["drafts"]) <= k for r in prop.records)
-    if k > block:
+    if k > block and mode == "fixed":  # fixed: a copy is verified whole (the adaptive plan may cut it)
         assert max(len(r["drafts"]) for r in copied) > block
     _close(llm)
 
