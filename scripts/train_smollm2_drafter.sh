@@ -15,7 +15,8 @@
 #   each restart of this script reads what is there), plus ShareGPT's human answers with the target's greedy
 #   token as the CE label; every supervised position an anchor; a held-out set of 64 target-written conversations
 #   (frozen in data/smollm2/heldout.jsonl.gz) evaluated every 25 steps into the run's
-#   learning_curve.png. One thread pinned to CORES (default 1: gen-data holds core 0). Checkpoints every 10 steps;
+#   learning_curve.png. One thread pinned to CORES (default 1: gen-data holds core 0), or RANKS=2 DDP ranks (both
+#   cores, nothing else running). Checkpoints every 10 steps;
 #   rerun to resume. The Markov-less ablation runs once the main run has reached STEPS, at equal steps.
 # RECIPE=warm (STEPS=300, ~1.5 h on one core beside gen-data): continues the committed drafter on the corpus so far
 #   (x2) and 3000 human conversations with target labels; step 0 of its learning curve is where the drafter starts.
@@ -78,9 +79,16 @@ PY
             --save-dtype bfloat16)
     resume() { [ -d "$1/checkpoints" ] && echo --resume "$1" || true; }
     OUT="$RUNS/smollm2-campaign"; ABL="$RUNS/smollm2-campaign-ablation"
-    taskset -c "$CORES" $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 256 --loss dspark ${EXTRA:-} \
+    # RANKS=2: both cores as two DDP ranks (gloo), one thread each, instead of one thread pinned to CORES.
+    if [ "${RANKS:-1}" -gt 1 ]; then
+      TRAIN=(env OMP_NUM_THREADS=1 $PY/python -m torch.distributed.run --nproc_per_node "$RANKS"
+             --master_addr 127.0.0.1 --master_port "${PORT:-29561}" -m vllm_dspark.train.trainer)
+    else
+      TRAIN=(taskset -c "$CORES" $PY/vllm-dspark train)
+    fi
+    "${TRAIN[@]}" "${COMMON[@]}" --markov-rank 256 --loss dspark ${EXTRA:-} \
       --out "$OUT" $(resume "$OUT") 2>> "$RUNS/train-campaign.log"
-    taskset -c "$CORES" $PY/vllm-dspark train "${COMMON[@]}" --markov-rank 0 --loss ce ${EXTRA:-} \
+    "${TRAIN[@]}" "${COMMON[@]}" --markov-rank 0 --loss ce ${EXTRA:-} \
       --out "$ABL" $(resume "$ABL") 2>> "$RUNS/train-campaign-ablation.log"
     if [ "${INSTALL:-0}" = 1 ]; then
       mkdir -p drafters/smollm2-135m-dspark
