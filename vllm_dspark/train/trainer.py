@@ -256,6 +256,7 @@ def train(args: argparse.Namespace) -> list[dict]:
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=None)
     groups = param_groups(drafter, args.top_layers_lr)
+    params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     start, totals = 0, dict(blocks=0, seconds=0.0)
     if resume_state is not None:
@@ -291,7 +292,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         sample_ids = [step * args.batch_size + j for j in range(args.batch_size)]
         loss, stats, tokens, blocks = train_step(module, target, [examples[i] for i in idx], sample_ids,
                                                  args=args, pad_id=pad_id)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
