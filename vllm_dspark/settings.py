@@ -53,6 +53,9 @@ class DSparkSettings:
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
     record: bool = False
+    # Append one JSON line per engine step (its timings, batch, drafts and tokens) to this file: what the policy saw
+    # and did, for `python -m vllm_dspark.eval.step_log FILE` (empty: off).
+    step_log: str = ""
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> "DSparkSettings":
@@ -123,7 +126,15 @@ class Text:
         return None if isinstance(value, str) and value else f"expected {self.expected}"
 
 
-RULES: dict[str, Int | Bool | Choice | Text] = {
+@dataclass(frozen=True)
+class Str:
+    """Any string (empty: the feature is off)."""
+
+    def error(self, value: Any) -> str | None:
+        return None if isinstance(value, str) else "expected a file path (a string; empty = off)"
+
+
+RULES: dict[str, Int | Bool | Choice | Text | Str] = {
     "drafter": Text("a drafter directory"),
     "topk": Int(min=0),
     "probabilistic": Bool(),
@@ -137,6 +148,7 @@ RULES: dict[str, Int | Bool | Choice | Text] = {
     "sources": Choice("hybrid", "drafter", "suffix"),
     "suffix_cache_tokens": Int(min=0),
     "record": Bool(),
+    "step_log": Str(),
 }
 # (field, other): field must be >= other; checked after RULES, so both are integers by then.
 AT_LEAST: list[tuple[str, str]] = [("probe_interval_max", "probe_interval")]
@@ -162,6 +174,7 @@ HELP: dict[str, str] = {
     "sources": "hybrid = per request a suffix draft (copied), the drafter or both, as pays best; drafter; suffix",
     "suffix_cache_tokens": "tokens of recent finished outputs kept for suffix drafts",
     "record": "keep every proposal and round in memory (tests, eval; grows without bound)",
+    "step_log": "append a JSON line per engine step to this file (python -m vllm_dspark.eval.step_log FILE)",
 }
 
 

@@ -104,17 +104,26 @@ def test_calibrate_turn2_writes_calibration(vllm_env, setup, tmp_path, capsys):
     assert cal["calibrated"]["ece_mean"] <= cal["raw"]["ece_mean"] + 1e-9
 
 
-def test_bench_cells_ratios_and_lossless(vllm_env, setup, tmp_path):
+def test_bench_cells_ratios_and_lossless(vllm_env, setup, tmp_path, capsys):
     from vllm_dspark.eval.bench import main
 
     out = tmp_path / "bench"
     methods = ("none", "ngram", "dspark", "dspark-k2")
     rc = main(["--target", setup["target"], "--drafter", str(setup["dspark"]), "--methods", ",".join(methods),
                "--concurrency", "1,2", "--rounds", "1", "--num-prompts", "4", "--max-tokens", "16", "-k", str(K),
-               "--prompts", setup["prompts"], "--max-model-len", "256", "--out", str(out)])
+               "--prompts", setup["prompts"], "--max-model-len", "256", "--out", str(out), "--step-logs"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     cells = {(r["method"], r["concurrency"]): r for r in report["results"]}
+    # --step-logs: a log per DSpark engine (warm-up and both cells), its summary printed after the table
+    assert sorted(p.name for p in out.glob("steps-*.jsonl")) == ["steps-dspark-k2.jsonl", "steps-dspark.jsonl"]
+    fixed_steps = [json.loads(line) for line in (out / "steps-dspark-k2.jsonl").read_text().splitlines()]
+    decode = [s for s in fixed_steps if not s["prefill"]]
+    assert len(decode) >= 16 and all(s["verified"] and s["tokens"] > s["batch"] for s in decode)
+    assert sum(s["emitted"] for s in fixed_steps) <= sum(sum(c["generated_tokens"]) for (m, _), c in cells.items()
+                                                          if m == "dspark-k2") + 2 * 8  # + warm-up tokens
+    printed = capsys.readouterr().out
+    assert f"dspark-k2: {out / 'steps-dspark-k2.jsonl'}" in printed and "spec/plain" in printed
     assert set(cells) == {(m, c) for m in methods for c in (1, 2)}
     for (m, c), r in cells.items():
         assert r["tokens_per_s"] > 0 and len(r["samples"]) == 1

@@ -134,13 +134,15 @@ def test_greedy_lossless_and_drafts_match_hf_hidden_states(vllm_env, drafters, a
     _close(llm)
 
 
-def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
-    """Adaptive mode (the default): per-request lengths follow the confidence head and the profiled cost."""
+def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters, tmp_path):
+    """Adaptive mode (the default): per-request lengths follow the confidence head and the profiled cost. The step
+    log accounts for every step but the last (its line is written when the next step starts)."""
     target, drafter_dir = drafters["qwen3"]
     prompts = _prompts(8)
     base = _generate(_llm(target, enable_prefix_caching=False), prompts)
     gc.collect()
-    llm = _llm(target, drafter_dir, enable_prefix_caching=False)
+    log = tmp_path / "steps.jsonl"
+    llm = _llm(target, drafter_dir, enable_prefix_caching=False, extra={"step_log": str(log)})
     spec = _generate(llm, prompts)
     assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
     prop = _proposer(llm)
@@ -150,6 +152,14 @@ def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters):
     counters = _spec_counters(llm)
     assert counters["vllm:spec_decode_num_draft_tokens"] == sum(prop.stats.drafted_at)
     assert counters["vllm:spec_decode_num_accepted_tokens"] == sum(prop.stats.accepted_at)
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    generated = sum(len(o.outputs[0].token_ids) for o in spec)
+    assert 1 <= generated - sum(s["emitted"] for s in steps) <= len(prompts) * 4  # the last step's tokens
+    assert steps[0]["prefill"] and not any(s["verified"] for s in steps[:1])
+    assert sum(s["planned"] for s in steps) >= counters["vllm:spec_decode_num_draft_tokens"] > 0
+    verifying = [s for s in steps if s["verified"]]
+    assert all(s["tokens"] > s["batch"] for s in verifying) and sum(s["rounds"] for s in steps) > 0
+    assert sum(s["accepted"] for s in steps) <= counters["vllm:spec_decode_num_accepted_tokens"]
     _close(llm)
 
 

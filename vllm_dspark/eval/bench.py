@@ -53,6 +53,7 @@ from typing import Any
 from vllm_dspark.cli import HelpFormatter
 from vllm_dspark.eval.evaluate import default_k, dspark_spec, json_ready, prepare_env
 from vllm_dspark.eval.prompts import load_prompts
+from vllm_dspark.eval.step_log import attach, format_summary, load, summary
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
@@ -260,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=2048, help="vLLM's max_model_len of every engine")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="VLLM_CPU_KVCACHE_SPACE per engine, unless set")
     ap.add_argument("--seed", type=int, default=0, help="vLLM's seed of every engine")
+    ap.add_argument("--step-logs", action="store_true",
+                    help="DSpark engines log every step to OUT/steps-METHOD.jsonl; per batch size, plain vs speculative")
     return ap
 
 
@@ -271,6 +274,7 @@ def main(argv: list[str]) -> int:
     if len(set(names)) != len(names):
         raise SystemExit(f"--methods {args.methods!r}: duplicate names")
     specs = {n: method_kwargs(n, args) for n in names}
+    step_logs = attach(specs, Path(args.out)) if args.step_logs else {}
     conc = _parse_ints(args.concurrency, "--concurrency")
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: expected >= 1")
@@ -355,6 +359,8 @@ def main(argv: list[str]) -> int:
     (out / "report.json").write_text(json.dumps(json_ready(report), indent=2) + "\n")
     print(format_table(report))
     print(f"report: {out / 'report.json'}")
+    for n, path in step_logs.items():
+        print(f"\n{n}: {path}\n{format_summary(summary(load([str(path)])))}")
     return 0 if report["outputs_identical"] else 1
 
 

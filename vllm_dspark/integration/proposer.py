@@ -14,6 +14,7 @@ for those that need the drafter; the policy gives each request its length) ->
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +38,13 @@ from .compat import StepRows
 from .metrics import ProposerStats
 
 logger = logging.getLogger("vllm_dspark")
+
+
+def step_line(report: StepReport, step: int) -> str:
+    """One step of the step log as a JSON line (``rounds`` summed: drafter rounds and tokens they accepted)."""
+    row = {k: round(v, 6) if isinstance(v, float) else v for k, v in vars(report).items() if k != "rounds"}
+    row["rounds"], row["accepted"] = len(report.rounds), sum(a for _, a in report.rounds)
+    return json.dumps({"step": step, **row}) + "\n"
 
 
 class DSparkProposer:
@@ -78,6 +86,7 @@ class DSparkProposer:
         self._step_start: float | None = None  # when the step in progress started
         self._step: StepReport | None = None  # the step in progress, as timed so far
         self._report: StepReport | None = None  # the step before, complete: for the policy's next decision
+        self._step_log = open(self.settings.step_log, "a", buffering=1) if self.settings.step_log else None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -116,6 +125,8 @@ class DSparkProposer:
         if self._step is not None:
             self._step.period = now - self._step_start
             self._report, self._step = self._step, None
+            if self._step_log is not None:
+                self._step_log.write(step_line(self._report, self.stats.steps))
         self._step_start = now
         if self.store is None:
             return
@@ -144,10 +155,11 @@ class DSparkProposer:
         n_req = len(step.req_ids)
         drafts = list(step.num_draft_tokens[:n_req]) + [0] * (n_req - len(step.num_draft_tokens))
         feats = torch.cat(step.aux_hidden_states, dim=-1)  # [T, L*Ht], a fresh tensor: rows are views of it
-        rows, rounds = [], []
+        rows, rounds, emitted = [], [], 0
         for i, req_id in enumerate(step.req_ids):
             start, stop, nd = qsl[i], qsl[i + 1], drafts[i]
             ns = len(sampled_token_ids[i]) if i < len(sampled_token_ids) else 0
+            emitted += ns
             if nd > 0 and ns > 0:
                 stop -= nd + 1 - ns  # rejected rows
                 kind, copied = self._pending.pop(req_id, ("drafter", None))
@@ -162,7 +174,7 @@ class DSparkProposer:
                 rows.append((req_id, step.starts[i], feats[start:stop]))
         if self._step_start is not None:
             self._step = StepReport(period=0.0, forward=t0 - self._step_start, tokens=qsl[-1], batch=n_req,
-                                    verified=any(drafts), rounds=rounds,
+                                    verified=any(drafts), rounds=rounds, emitted=emitted,
                                     prefill=any(qsl[i + 1] - qsl[i] > 1 + drafts[i] for i in range(n_req)))
         index = {r: i for i, r in enumerate(step.req_ids)}
         for req_id, pos in self.store.append_step(rows, lambda r: step.token_ids[index[r]]):
@@ -193,8 +205,11 @@ class DSparkProposer:
             self.stats.fault("drafting")
             out, drafted = [[] for _ in sampled_token_ids], 0
         seconds = time.perf_counter() - t0
-        if drafted and self._step is not None:
-            self._step.drafter, self._step.drafted = seconds, drafted
+        if self._step is not None:
+            if drafted:
+                self._step.drafter, self._step.drafted = seconds, drafted
+            self._step.planned = sum(map(len, out))
+            self._step.plain = self.adaptive and self.policy.plain_step
         self.stats.draft_seconds += seconds
         metrics.publish(self)
         return out
@@ -296,6 +311,8 @@ class DSparkProposer:
                                      "drafts": out[i], "source": source})
             self.stats.length_hist[len(out[i])] = self.stats.length_hist.get(len(out[i]), 0) + 1
         self.stats.drafted_requests += len(order)
+        if self._step is not None:
+            self._step.copied = sum(1 for j in copy_only if out[rows[j]])
         if want_q:
             self._last_probs = self._draft_probs(block, req_ids, q_rows, k)
         return len(drafted)

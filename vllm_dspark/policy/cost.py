@@ -29,6 +29,11 @@ class StepReport:
     drafter: float = 0.0  # seconds the drafter ran in it (for the next step)
     drafted: int = 0  # requests the drafter ran for
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted, accepted) of its drafter rounds
+    # for the step log only (the policy does not read them)
+    emitted: int = 0  # tokens the step's requests gained (accepted drafts + one each)
+    copied: int = 0  # requests given a copied draft alone (for the next step)
+    planned: int = 0  # draft tokens handed to the next step's verification
+    plain: bool = False  # the policy kept the step plain to measure what not speculating costs
 
     @property
     def speculative(self) -> bool:
