@@ -21,7 +21,8 @@
 # RECIPE=warm (STEPS=300, ~1.5 h on one core beside gen-data): continues the committed drafter on the corpus so far
 #   (x2) and 3000 human conversations with target labels; step 0 of its learning curve is where the drafter starts.
 #   GROW=N deepens it to N layers first (new layers from the target's top ones, drafting unchanged at step 0);
-#   LOSS=ce|kl changes the loss (default dspark); EXTRA passes more train flags.
+#   LOSS=ce|kl changes the loss (default dspark); EXTRA passes more train flags. RANKS=2 BATCH=4: both cores
+#   (~86 blocks/s with the shipped 8192-token draft vocabulary).
 # INSTALL=0: leave drafters/ as it is (the shipped weights are committed; only RECIPE=mix installs by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,14 @@ gen() {  # gen-data OUT N MAX_MODEL_LEN CONCURRENCY
   VLLM_CPU_KVCACHE_SPACE=4 VLLM_ENABLE_V1_MULTIPROCESSING=0 $PY/vllm-dspark gen-data --target "$TARGET" \
     --prompts sharegpt --out "$1" --num-prompts "$2" --max-turns 1 --max-tokens 256 --max-model-len "$3" --concurrency "$4"
 }
+# RANKS=2 (campaign, warm): both cores as two DDP ranks (gloo), one thread each, instead of one thread pinned to
+# CORES; the global batch is the same, split across the ranks.
+if [ "${RANKS:-1}" -gt 1 ]; then
+  TRAIN=(env OMP_NUM_THREADS=1 $PY/python -m torch.distributed.run --nproc_per_node "$RANKS"
+         --master_addr 127.0.0.1 --master_port "${PORT:-29561}" -m vllm_dspark.train.trainer)
+else
+  TRAIN=(env OMP_NUM_THREADS=1 taskset -c "${CORES:-1}" $PY/vllm-dspark train)
+fi
 case "$RECIPE" in
   mix)
     N_GEN=${N_GEN:-256}; STEPS=${STEPS:-3000}; SUFFIX=""; INSTALL=${INSTALL:-1}
@@ -79,13 +88,6 @@ PY
             --save-dtype bfloat16)
     resume() { [ -d "$1/checkpoints" ] && echo --resume "$1" || true; }
     OUT="$RUNS/smollm2-campaign"; ABL="$RUNS/smollm2-campaign-ablation"
-    # RANKS=2: both cores as two DDP ranks (gloo), one thread each, instead of one thread pinned to CORES.
-    if [ "${RANKS:-1}" -gt 1 ]; then
-      TRAIN=(env OMP_NUM_THREADS=1 $PY/python -m torch.distributed.run --nproc_per_node "$RANKS"
-             --master_addr 127.0.0.1 --master_port "${PORT:-29561}" -m vllm_dspark.train.trainer)
-    else
-      TRAIN=(taskset -c "$CORES" $PY/vllm-dspark train)
-    fi
     "${TRAIN[@]}" "${COMMON[@]}" --markov-rank 256 --loss dspark ${EXTRA:-} \
       --out "$OUT" $(resume "$OUT") 2>> "$RUNS/train-campaign.log"
     "${TRAIN[@]}" "${COMMON[@]}" --markov-rank 0 --loss ce ${EXTRA:-} \
@@ -106,8 +108,8 @@ PY
     head -"${HUMAN_N:-3000}" "$HUMAN" > "$RUNS/data/human_part.jsonl"
     cp "$GEN" "$RUNS/data/gen_snapshot.jsonl"  # gen-data may be appending; train on a fixed copy
     DATA=$(for _ in $(seq "${GEN_REPEAT:-2}"); do printf '%s,' "$RUNS/data/gen_snapshot.jsonl"; done)$RUNS/data/human_part.jsonl
-    OMP_NUM_THREADS=1 taskset -c "$CORES" $PY/vllm-dspark train --target "$TARGET" --init "${INIT:-drafters/smollm2-135m-dspark}" \
-      --data "$DATA" --heldout "$HELD" --eval-every "${EVAL_EVERY:-10}" --steps "$STEPS" --batch-size 2 --micro-batch-size 2 \
+    "${TRAIN[@]}" --target "$TARGET" --init "${INIT:-drafters/smollm2-135m-dspark}" \
+      --data "$DATA" --heldout "$HELD" --eval-every "${EVAL_EVERY:-10}" --steps "$STEPS" --batch-size "${BATCH:-2}" --micro-batch-size 2 \
       --anchors-per-seq "${ANCHORS:-0}" --max-len 512 --lr "${LR:-3e-4}" --warmup-frac 0.02 --min-lr-frac 0.1 --ce-labels target \
       --save-every 10 --threads 1 --save-dtype bfloat16 --out "$OUT" $([ -d "$OUT/checkpoints" ] && echo --resume "$OUT") \
       --loss "${LOSS:-dspark}" $([ -n "${GROW:-}" ] && echo --grow-layers "$GROW") ${EXTRA:-} 2>> "$RUNS/train-warm.log"
