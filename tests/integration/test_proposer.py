@@ -160,6 +160,7 @@ def test_adaptive_block_lengths_stay_lossless(vllm_env, drafters, tmp_path):
     verifying = [s for s in steps if s["verified"]]
     assert all(s["tokens"] > s["batch"] for s in verifying) and sum(s["rounds"] for s in steps) > 0
     assert sum(s["accepted"] for s in steps) <= counters["vllm:spec_decode_num_accepted_tokens"]
+    assert all(0 <= s["expected"] <= s["planned"] for s in steps) and sum(s["expected"] for s in steps) > 0
     _close(llm)
 
 

@@ -7,6 +7,8 @@ A step's tokens per second is what its requests gained (accepted drafts + one ea
 the next step's start: the forward, the drafter and everything else). Prefill steps are left out (their cost is
 not a decode step's), and so are steps whose time outside the forward and the drafter is over 4x the median of
 their kind at their batch size: the engine was waiting (`vllm-dspark bench` runs its engines in time slices).
+Per step that planned drafts: how many, how many of them the policy expected to be accepted, and how many the
+next step accepted (its tokens gained less one per request): an overconfident plan verifies too much.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ def busy(rows: list[dict]) -> list[dict]:
 
 def summary(rows: list[dict], min_steps: int = 8) -> list[dict]:
     """One dict per batch size with both kinds measured at least ``min_steps`` times."""
+    for r, nxt in zip(rows, rows[1:] + [None]):  # a plan's drafts are verified in the step after it
+        r["realized"] = nxt["emitted"] - nxt["batch"] if nxt is not None and nxt["step"] == r["step"] + 1 else 0
     by: dict[int, dict[str, list[dict]]] = defaultdict(lambda: {"plain": [], "spec": []})
     for r in busy(rows):
         by[r["batch"]][kind(r)].append(r)
@@ -62,6 +66,10 @@ def summary(rows: list[dict], min_steps: int = 8) -> list[dict]:
         line["spec_tokens"] = statistics.fmean(r["emitted"] / batch for r in spec) if spec else float("nan")
         line["drafter_ms"] = 1e3 * statistics.fmean(r["drafter"] for r in spec) if spec else float("nan")
         line["ratio"] = line["spec_tps"] / line["plain_tps"] if plain and spec else float("nan")
+        planned = [r for r in plain + spec if r.get("planned")]
+        line["expected"] = sum(r.get("expected", 0.0) for r in planned) / max(1, len(planned))
+        line["accepted"] = sum(r["realized"] for r in planned) / max(1, len(planned))
+        line["planned"] = sum(r["planned"] for r in planned) / max(1, len(planned))
         if len(plain) >= min_steps or len(spec) >= min_steps:
             table.append(line)
     return table
@@ -82,11 +90,12 @@ def attach(specs: dict[str, dict], out: Path) -> dict[str, Path]:
 
 def format_summary(table: list[dict]) -> str:
     lines = ["batch | time share | plain steps, ms, tok/s | spec steps, ms, tok/s, tokens/request, drafter ms | "
-             "spec/plain"]
+             "spec/plain | drafts per step: verified, expected accepted, accepted"]
     for t in table:
         lines.append(f"{t['batch']:5d} | {t['time_share']:9.1%} | {t['plain_steps']:5d} {t['plain_ms']:7.1f} "
                      f"{t['plain_tps']:7.1f} | {t['spec_steps']:5d} {t['spec_ms']:7.1f} {t['spec_tps']:7.1f} "
-                     f"{t['spec_tokens']:5.2f} {t['drafter_ms']:6.1f} | {t['ratio']:5.2f}")
+                     f"{t['spec_tokens']:5.2f} {t['drafter_ms']:6.1f} | {t['ratio']:5.2f} | {t['planned']:5.1f} "
+                     f"{t['expected']:5.1f} {t['accepted']:5.1f}")
     return "\n".join(lines)
 
 

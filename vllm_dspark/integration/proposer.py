@@ -295,6 +295,8 @@ class DSparkProposer:
                                       [copied[j] for j in copy_only], k)
             lengths[:planned] = self.policy.lengths(survival, lengths[:planned], len(free), drafted=len(pure),
                                                     runs=len(pure) + len(spliced))
+            if self._step is not None:
+                self._step.expected = self.policy.last_expected
         q_rows, at = [], {j: pos for pos, j in enumerate(drafted)}
         for pos, j in enumerate(order):
             i, req_id = rows[j], self._batch_req_ids[rows[j]]

@@ -33,6 +33,7 @@ class StepReport:
     emitted: int = 0  # tokens the step's requests gained (accepted drafts + one each)
     copied: int = 0  # requests given a copied draft alone (for the next step)
     planned: int = 0  # draft tokens handed to the next step's verification
+    expected: float = 0.0  # of them, accepted as the policy expected (adaptive mode)
     plain: bool = False  # the policy kept the step plain to measure what not speculating costs
 
     @property

@@ -107,6 +107,7 @@ class SpeedPolicy:
         self._plain_until = 0
         self._seen: dict[int, list[int]] = {}  # batch -> [speculative steps, plain steps, step of the last plain]
         self.plain_step = False  # this step measures what not speculating costs: no drafts from any source
+        self.last_expected = 0.0  # accepted drafts the last plan expected (lengths)
 
     # ------------------------------------------------------------------------------------------------ observe
     def observe(self, report: StepReport) -> None:
@@ -235,6 +236,8 @@ class SpeedPolicy:
         planned[:rows, :width] = np.minimum(survival[:rows, :width] * self.trust()[:width], 1.0)
         rate = self.cost.steps_per_second(batch, drafted=rows if runs is None else runs)
         lengths = plan_block_lengths(planned, rate, caps, scan=True).lengths
+        # the drafts these lengths are expected to have accepted (the step log compares it with what was)
+        self.last_expected = float((planned * (np.arange(planned.shape[1])[None, :] < lengths[:, None])).sum())
         if rows:
             mine = np.zeros(self.k)
             mine[:width] = survival[:rows, :width].mean(0)
