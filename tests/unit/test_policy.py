@@ -119,6 +119,47 @@ def test_step_cost_parts_add_up_to_what_was_measured():
         assert cost.seconds(tokens, b, drafted) == pytest.approx(truth, rel=0.02)
 
 
+def test_verification_is_priced_from_verify_steps_alone():
+    """Prefill steps run more tokens per millisecond than decode steps (SmolLM2 on this CPU: ~0.7-1.0 ms per
+    prompt token, ~1.3 ms per decode token), and a step that verifies drafts pays a fixed extra on top of its
+    tokens (several query tokens per request take another attention path): neither may price the other."""
+    cost = StepCost()
+    rng = np.random.default_rng(3)
+    plain = lambda tokens: 0.010 + 0.0015 * tokens  # noqa: E731 - the engine's forward, by hand
+    verify = lambda tokens: plain(tokens) + 0.008  # noqa: E731
+    for i in range(400):
+        if i % 8 == 0:  # a prompt chunk joining the batch: cheap per token
+            tokens = int(rng.integers(100, 2000))
+            cost.observe(StepReport(period=0.0007 * tokens + 0.002, forward=0.0007 * tokens, tokens=tokens,
+                                    batch=16, prefill=True))
+            continue
+        b = int(rng.integers(8, 17))
+        tokens = b + int(rng.integers(0, 2)) * int(rng.integers(4, 40))  # plain, or verifying drafts
+        fwd = verify(tokens) if tokens > b else plain(tokens)
+        cost.observe(StepReport(period=fwd + 0.002, forward=fwd, tokens=tokens, batch=b, verified=tokens > b))
+    assert cost.seconds(16, 16, 0) == pytest.approx(plain(16) + 0.002, rel=0.03)
+    for tokens in (30, 50, 120):
+        assert cost.seconds(tokens, 16, 0) == pytest.approx(verify(tokens) + 0.002, rel=0.03)
+
+
+def test_lengths_price_the_whole_batch_not_only_the_rows_with_drafts():
+    """Two requests of 32 have copied drafts that would pay in a step of their own, not in a step of 32: the
+    plan must see the 30 others' tokens (they were left out, and copies were verified at a loss under load)."""
+    policy = SpeedPolicy(k=7)
+    plain = lambda tokens: 0.020 + 0.0011 * tokens  # noqa: E731 - the engine's forward, by hand
+    for b in (2, 4, 8, 16, 32):
+        for extra in (0, 3, 5, 9):
+            fwd = plain(b + extra) + (0.010 if extra else 0.0)  # verifying pays a fixed extra
+            for _ in range(4):
+                policy.cost.observe(StepReport(period=fwd + 0.001, forward=fwd, tokens=b + extra, batch=b,
+                                               verified=extra > 0))
+    copies = np.full((2, 7), 0.9).cumprod(1)
+    by_hand = lambda b, n: (b + copies[:, :n].sum()) / policy.cost.seconds(b + 2 * n, b)  # noqa: E731 - tok/s
+    assert by_hand(2, 3) > by_hand(2, 0) and max(by_hand(32, n) for n in range(1, 8)) < by_hand(32, 0)
+    assert policy.lengths(copies, [7, 7], batch=2, drafted=0) != [0, 0]
+    assert policy.lengths(copies, [7, 7], batch=32, drafted=0) == [0, 0]
+
+
 def test_linear_cost_slope_stays_between_flat_and_proportional():
     flat = LinearCost()
     rng = np.random.default_rng(1)

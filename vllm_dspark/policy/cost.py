@@ -142,16 +142,21 @@ class StepCost:
     MIN_REST_STEPS = 4  # a kind's rest is its own once it was measured this often (before: the other kind's)
 
     def __init__(self, overhead_tokens: float = 10.0):
-        self.forward = LinearCost(overhead_tokens)  # vs tokens the target runs
+        # vs tokens the target runs, per kind of step: plain (one token per request) or verifying drafts (several
+        # query tokens per request take another attention path on CPU: +50-100% over a plain step's line)
+        self.forward = {False: LinearCost(overhead_tokens), True: LinearCost(overhead_tokens)}
         self.drafter = LinearCost(overhead_tokens=4.0)  # vs requests drafted (~4:1 fixed : per request, SmolLM2)
         self.rest = {False: LinearCost(overhead_tokens=4.0), True: LinearCost(overhead_tokens=4.0)}  # vs batch
 
     def observe(self, report: StepReport) -> None:
-        self.forward.observe(report.tokens, report.forward)
         if report.drafted:
             self.drafter.observe(report.drafted, report.drafter)
         if report.prefill:
+            # A prompt chunk's forward costs less per token than a decode step's (larger GEMMs: 0.7-1.0 ms per
+            # token against ~1.3 for SmolLM2 on this CPU); fitted in, it flattened the line and underpriced
+            # verification under load (benchmarks/README.md, session 15).
             return
+        self.forward[report.tokens > report.batch].observe(report.tokens, report.forward)
         rest = report.period - report.forward - report.drafter
         kind = report.speculative
         usual = self._rest(kind, report.batch)
@@ -165,13 +170,20 @@ class StepCost:
                 return self.rest[kind].seconds(batch)
         return 0.0
 
+    def _forward(self, verifying: bool) -> LinearCost:
+        """The kind's own forward line once measured MIN_REST_STEPS times, else the other kind's."""
+        own = self.forward[verifying]
+        return own if len(own) >= self.MIN_REST_STEPS else self.forward[not verifying]
+
     def seconds_many(self, tokens, batch: int, drafted: int) -> np.ndarray:
         """Seconds of a step for each size in ``tokens``. A step that verifies drafts (more tokens than requests)
         pays the speculative rest whether or not the drafter made them (copied drafts cost it too)."""
         sizes = np.asarray(tokens)
         extra = self.drafter.seconds(drafted) if drafted and len(self.drafter) else 0.0
         rest = np.where((sizes > batch) | (drafted > 0), self._rest(True, batch), self._rest(False, batch))
-        return self.forward.seconds_many(sizes, extra) + rest
+        forward = np.where(sizes > batch, self._forward(True).seconds_many(sizes, extra),
+                           self._forward(False).seconds_many(sizes, extra))
+        return forward + rest
 
     def seconds(self, tokens: int, batch: int, drafted: int = 0) -> float:
         return float(self.seconds_many([tokens], batch, drafted)[0])
@@ -181,7 +193,7 @@ class StepCost:
         return _Rate(self, batch, drafted)
 
     def __len__(self) -> int:
-        return len(self.forward)
+        return len(self.forward[False]) + len(self.forward[True])
 
 
 @dataclass

@@ -228,14 +228,20 @@ class SpeedPolicy:
         """Drafts to verify per request (rows of ``survival`` [R, K]), capped by ``caps`` [R]; the first ``drafted``
         rows (default all) are the drafter's own drafts (its confidences: trust applies, and they teach what it
         expects), the others come from elsewhere (suffix drafts, splices). ``runs``: requests the drafter ran
-        for (default ``drafted``), for its cost."""
+        for (default ``drafted``), for its cost. ``batch``: requests in the step; those past the rows of
+        ``survival`` have no drafts and run a token each."""
         survival = np.asarray(survival, dtype=np.float64)
         rows = survival.shape[0] if drafted is None else drafted
         width = min(self.k, survival.shape[1])
         planned = survival.copy()
         planned[:rows, :width] = np.minimum(survival[:rows, :width] * self.trust()[:width], 1.0)
         rate = self.cost.steps_per_second(batch, drafted=rows if runs is None else runs)
-        lengths = plan_block_lengths(planned, rate, caps, scan=True).lengths
+        # The batch's other requests (no drafts to plan) run in the same step, a token each: the plan prices
+        # the whole step (without them a few copied drafts looked cheap under load: a step of their rows alone).
+        others = max(0, batch - planned.shape[0])
+        lengths = plan_block_lengths(np.vstack([planned, np.zeros((others, planned.shape[1]))]), rate,
+                                     np.concatenate([np.asarray(caps, dtype=np.int64), np.zeros(others, np.int64)]),
+                                     scan=True).lengths[:planned.shape[0]]
         # the drafts these lengths are expected to have accepted (the step log compares it with what was)
         self.last_expected = float((planned * (np.arange(planned.shape[1])[None, :] < lengths[:, None])).sum())
         if rows:
