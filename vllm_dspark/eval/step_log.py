@@ -47,13 +47,15 @@ def busy(rows: list[dict]) -> list[dict]:
 
 
 def summary(rows: list[dict], min_steps: int = 8) -> list[dict]:
-    """One dict per batch size with both kinds measured at least ``min_steps`` times."""
-    for r, nxt in zip(rows, rows[1:] + [None]):  # a plan's drafts are verified in the step after it
-        r["realized"] = nxt["emitted"] - nxt["batch"] if nxt is not None and nxt["step"] == r["step"] + 1 else 0
+    """One dict per batch size with either kind measured at least ``min_steps`` times."""
+    # a plan's drafts are verified in the step after it (copies: the caller's rows stay as they were)
+    rows = [dict(r, realized=nxt["emitted"] - nxt["batch"] if nxt is not None and nxt["step"] == r["step"] + 1 else 0)
+            for r, nxt in zip(rows, rows[1:] + [None])]
+    decode = busy(rows)
     by: dict[int, dict[str, list[dict]]] = defaultdict(lambda: {"plain": [], "spec": []})
-    for r in busy(rows):
+    for r in decode:
         by[r["batch"]][kind(r)].append(r)
-    total = sum(r["period"] for r in busy(rows)) or 1.0
+    total = sum(r["period"] for r in decode) or 1.0
     table = []
     for batch in sorted(by):
         plain, spec = by[batch]["plain"], by[batch]["spec"]

@@ -139,7 +139,7 @@ class StepCost:
     # interleaves engines in time slices), not what a step costs.
     IDLE_RESTS = 4.0
     IDLE_FORWARDS = 0.5
-    MIN_REST_STEPS = 4  # a kind's rest is its own once it was measured this often (before: the other kind's)
+    MIN_KIND_STEPS = 4  # a kind's forward and rest are its own once measured this often (before: the other kind's)
 
     def __init__(self, overhead_tokens: float = 10.0):
         # vs tokens the target runs, per kind of step: plain (one token per request) or verifying drafts (several
@@ -166,14 +166,14 @@ class StepCost:
 
     def _rest(self, speculative: bool, batch: int) -> float:
         for kind in (speculative, not speculative):
-            if len(self.rest[kind]) >= self.MIN_REST_STEPS:
+            if len(self.rest[kind]) >= self.MIN_KIND_STEPS:
                 return self.rest[kind].seconds(batch)
         return 0.0
 
     def _forward(self, verifying: bool) -> LinearCost:
-        """The kind's own forward line once measured MIN_REST_STEPS times, else the other kind's."""
+        """The kind's own forward line once measured MIN_KIND_STEPS times, else the other kind's."""
         own = self.forward[verifying]
-        return own if len(own) >= self.MIN_REST_STEPS else self.forward[not verifying]
+        return own if len(own) >= self.MIN_KIND_STEPS else self.forward[not verifying]
 
     def seconds_many(self, tokens, batch: int, drafted: int) -> np.ndarray:
         """Seconds of a step for each size in ``tokens``. A step that verifies drafts (more tokens than requests)
