@@ -23,26 +23,26 @@ SEP = -1  # between texts in the shared cache: matches nothing, ends every conti
 
 class TokenIndex:
     """Token texts and, for each bigram, the positions of its second token: where a pattern ending in that
-    bigram occurred and what followed it."""
+    bigram occurred and what followed it. Tokens are a Python list: lookups read single tokens, which a list
+    serves several times faster than a numpy array (every request, every step)."""
 
-    def __init__(self, capacity: int = 256):
-        self.tokens = np.full(max(16, capacity), SEP, dtype=np.int64)
-        self.n = 0
+    def __init__(self):
+        self.tokens: list[int] = []
         self.where: dict[int, list[int]] = {}
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
 
     def extend(self, new) -> None:
         new = [int(t) for t in new]
-        if self.n + len(new) > self.tokens.shape[0]:
-            grown = np.full(max(2 * self.tokens.shape[0], self.n + len(new)), SEP, dtype=np.int64)
-            grown[: self.n] = self.tokens[: self.n]
-            self.tokens = grown
-        prev = int(self.tokens[self.n - 1]) if self.n else SEP
-        for i, t in enumerate(new, start=self.n):
-            if prev != SEP and t != SEP:
-                self.where.setdefault((prev << 32) | t, []).append(i)
-            prev = t
-        self.tokens[self.n: self.n + len(new)] = new
-        self.n += len(new)
+        t, where = self.tokens, self.where
+        prev = t[-1] if t else SEP
+        for i, x in enumerate(new, start=len(t)):
+            if prev != SEP and x != SEP:
+                where.setdefault((prev << 32) | x, []).append(i)
+            prev = x
+        t.extend(new)
 
     def matches(self, pattern: list[int], depth: int, recent: int) -> tuple[list[int], int]:
         """(starts, m): where the continuations of the longest suffix of ``pattern`` (newest last, 2..``depth``
@@ -53,10 +53,9 @@ class TokenIndex:
         hits = self.where.get((pattern[-2] << 32) | pattern[-1])
         if not hits:
             return [], 0
-        hits = hits[-recent:]
-        t, best, starts = self.tokens, 0, []
-        for i in reversed(hits):
-            if i + 1 >= self.n:  # the text's last token: nothing followed it yet
+        t, n, best, starts = self.tokens, len(self.tokens), 0, []
+        for i in reversed(hits[-recent:]):
+            if i + 1 >= n:  # the text's last token: nothing followed it yet
                 continue
             m, lim = 2, min(depth, len(pattern), i + 1)
             while m < lim and t[i - m] == pattern[-1 - m]:
@@ -69,10 +68,9 @@ class TokenIndex:
 
     def rebuild_from(self, keep_from: int) -> None:
         """Keep tokens[keep_from:] only (the oldest go), re-indexed."""
-        rest = self.tokens[keep_from: self.n].copy()
-        self.tokens = np.full(max(16, 2 * rest.shape[0]), SEP, dtype=np.int64)
-        self.n, self.where = 0, {}
-        self.extend(rest.tolist())
+        rest = self.tokens[keep_from:]
+        self.tokens, self.where = [], {}
+        self.extend(rest)
 
 
 @dataclass
@@ -102,7 +100,7 @@ def walk(index: TokenIndex, starts: list[int], k: int,
         for c in cur:
             i = c + d
             if i < n:
-                toks.append(int(t[i]))
+                toks.append(t[i])
             elif own_end is not None and i - own_end < len(draft):
                 toks.append(draft[i - own_end])
             else:
@@ -141,6 +139,7 @@ class SuffixCalibration:
         self.prior, self.decay = prior, decay
         shape = (len(self.RATIO) + 1, len(self.SUPPORT) + 1, len(self.MATCH) + 1, len(self.DEPTH) + 1, 2)
         self.accepted, self.drafted = np.zeros(shape), np.zeros(shape)
+        self._lists = None  # (accepted, drafted) as nested lists for per-token reads; None after an update
 
     def bins(self, draft: SuffixDraft) -> list[tuple[int, ...]]:
         m = bisect_left(self.MATCH, draft.match)  # bisect, not numpy: a handful of scalars per draft, every step
@@ -148,11 +147,14 @@ class SuffixCalibration:
                  int(draft.sampled)) for d, (r, s) in enumerate(zip(draft.ratio, draft.support))]
 
     def conditional(self, draft: SuffixDraft) -> np.ndarray:
-        raw = np.asarray(draft.ratio) * np.asarray(draft.support) / (np.asarray(draft.support) + 1.0)
-        b = tuple(np.array(self.bins(draft)).T) if draft.tokens else None
-        if b is None:
-            return np.zeros(0)
-        return (self.accepted[b] + self.prior * raw) / (self.drafted[b] + self.prior)
+        # per token in Python: numpy's per-call overhead on a handful of values is most of a lookup's cost
+        if self._lists is None:
+            self._lists = (self.accepted.tolist(), self.drafted.tolist())
+        acc, dra = self._lists
+        prior, out = self.prior, []
+        for (i, j, m, d, t), r, s in zip(self.bins(draft), draft.ratio, draft.support):
+            out.append((acc[i][j][m][d][t] + prior * r * s / (s + 1.0)) / (dra[i][j][m][d][t] + prior))
+        return np.array(out)
 
     def survival(self, draft: SuffixDraft) -> np.ndarray:
         """[len(draft.tokens)] probability that each draft token and all before it are accepted."""
@@ -164,6 +166,7 @@ class SuffixCalibration:
         if reached <= 0:
             return
         b = tuple(np.array(self.bins(draft)[:reached]).T)
+        self._lists = None
         self.accepted *= self.decay
         self.drafted *= self.decay
         np.add.at(self.drafted, b, 1.0)
@@ -176,7 +179,7 @@ class _Own:
     __slots__ = ("index", "output_start")
 
     def __init__(self, tokens: np.ndarray):
-        self.index = TokenIndex(2 * len(tokens) + 64)
+        self.index = TokenIndex()
         self.output_start = len(tokens) - 1  # the first output token is the anchor of the first proposal
 
 
@@ -189,7 +192,7 @@ class SuffixDrafter:
             raise ValueError(f"SuffixDrafter: depth={depth}: expected >= 2 (patterns are matched from bigrams)")
         self.depth, self.cache_tokens, self.recent = depth, cache_tokens, recent
         self.own: dict[str, _Own] = {}
-        self.cache = TokenIndex(1024)
+        self.cache = TokenIndex()
         self.calibration = SuffixCalibration()
 
     def propose(self, req_id: str, tokens: np.ndarray, k: int, sampled: bool = False) -> SuffixDraft | None:
@@ -202,7 +205,7 @@ class SuffixDrafter:
             own.index.extend(tokens[own.index.n:].tolist())
         if k <= 0:
             return None
-        pattern = [int(x) for x in tokens[-self.depth:]]
+        pattern = np.asarray(tokens[-self.depth:]).tolist()
         best, best_score = None, 0.0
         for index, shared in ((own.index, False), (self.cache, True)):
             starts, m = index.matches(pattern, self.depth, self.recent)
@@ -223,16 +226,15 @@ class SuffixDrafter:
 
     def forget_outputs(self) -> None:
         """Empty the shared cache (benchmarks that repeat prompts: an answer seen before drafts itself)."""
-        self.cache = TokenIndex(1024)
+        self.cache = TokenIndex()
 
     def finish(self, req_id: str) -> None:
         """The request is done: its output joins the shared cache."""
         own = self.own.pop(req_id, None)
         if own is None or own.index.n - own.output_start < 2:
             return
-        out = own.index.tokens[own.output_start: own.index.n].tolist()
-        self.cache.extend([SEP] + out)
+        self.cache.extend([SEP] + own.index.tokens[own.output_start:])
         if self.cache.n > self.cache_tokens:
             cut = self.cache.n - self.cache_tokens // 2
-            seps = np.flatnonzero(self.cache.tokens[cut: self.cache.n] == SEP)
-            self.cache.rebuild_from(cut + int(seps[0]) if seps.size else self.cache.n)
+            rest = self.cache.tokens[cut:]
+            self.cache.rebuild_from(cut + rest.index(SEP) if SEP in rest else self.cache.n)

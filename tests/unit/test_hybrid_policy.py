@@ -129,3 +129,19 @@ def test_past_the_drafters_block_only_copies_run_on():
     assert lengths[0] <= 3 and lengths[1] == 6
     with pytest.raises(ValueError, match="expected 1 <= drafter_k <= k, got k=3, drafter_k=4"):
         SpeedPolicy(3, drafter_k=4)
+
+
+def test_ranked_out_with_no_copies_is_a_verdict_against_the_drafter():
+    """Under load with no copies the ranking gives the drafter nobody: that pauses it (before, begin() offered it
+    again every step, and every step paid for the ranking and for lookups the pause would have skipped)."""
+    rows = np.zeros((32, 4))
+    dear = policy(4, FakeCost(b=0.02, c=0.5, d=0.5), np.cumprod([0.5] * 4))
+    assert dear.sources(rows, np.zeros(32, dtype=int), [4] * 32, batch=32).tolist() == [0] * 32
+    assert all(dear.pause.active(step, 32) for step in range(1, 1 + dear.pause.base))  # from the next step on
+    cheap = policy(4, FakeCost(c=0.0, d=0.0), np.cumprod([0.9] * 4))
+    assert cheap.sources(np.zeros((2, 4)), np.zeros(2, dtype=int), [4, 4], batch=2).tolist() == [1, 1]
+    assert not cheap.pause.active(cheap.step + 1, 2)
+    copies, lengths = suffix_rows([(0.99, 4)] * 32)  # sure copies: the drafter adds nothing, but no verdict
+    dear.pause.worth_it()
+    dear.sources(copies, lengths, [4] * 32, batch=32)
+    assert not dear.pause.active(dear.step + 1, 32)

@@ -225,3 +225,59 @@ def test_draft_pause_ends_when_the_batch_halves():
     assert [pause.active(10 + i, 16) for i in range(9)] == [True] * 8 + [False]  # ... with a fresh backoff
     with pytest.raises(ValueError, match="expected 1 <= base <= cap; got base=8, cap=4"):
         DraftPause(8, 4)
+
+
+def test_lookups_that_found_nothing_do_not_price_a_plain_step():
+    """A step whose suffix lookups found nothing to verify is plain in its tokens but paid for the lookups: fitted
+    in as plain, it priced not speculating above what a plain step costs, so copies looked better than they were."""
+    cost = StepCost()
+    fwd = lambda tokens: 0.010 + 0.0013 * tokens  # noqa: E731 - the engine's forward, by hand
+    for i in range(200):
+        looked = i % 4 != 0  # a quarter are plain steps without lookups (the policy's plain windows)
+        rest = 0.001 + (0.004 if looked else 0.0)
+        cost.observe(StepReport(period=fwd(32) + rest, forward=fwd(32), tokens=32, batch=32, looked=looked))
+    assert cost.seconds(32, 32, 0) == pytest.approx(fwd(32) + 0.001, rel=0.01)
+
+
+def test_plans_report_the_seconds_they_expect_to_save():
+    """saved = the plan's expected tokens at a plain step's rate, less the same tokens at the plan's rate (worked
+    out here from the cost line by hand); nothing planned saves nothing."""
+    policy = SpeedPolicy(k=7)
+    line = lambda tokens: 0.020 + 0.0011 * tokens  # noqa: E731 - every step's seconds, by hand
+    for tokens in range(4, 40):
+        for verified in (False, True):
+            policy.cost.observe(StepReport(period=line(tokens), forward=line(tokens) - 0.001, tokens=tokens, batch=4,
+                                           verified=verified))
+    sure = np.full((2, 7), 0.95).cumprod(1)
+    lengths = policy.lengths(sure, [7, 7], batch=4, drafted=0)
+    assert sum(lengths) > 0
+    tokens = 4 + sum(lengths)
+    tau = 4 + sum(sure[r, :n].sum() for r, n in enumerate(lengths))
+    by_hand = tau / (4 / policy.cost.seconds(4, 4, 0)) - policy.cost.seconds(tokens, 4, 0)
+    assert policy.last_saved == pytest.approx(by_hand, rel=1e-6) and by_hand > 0
+    assert policy.lengths(np.zeros((2, 7)), [7, 7], batch=4, drafted=0) == [0, 0] and policy.last_saved == 0.0
+
+
+def test_copying_pauses_when_its_lookups_cost_more_than_its_plans_expect_to_save():
+    policy = SpeedPolicy(k=7, pause_base=8, pause_cap=64)
+    step = 0
+
+    def run(saved, spent, steps, batch=32):
+        nonlocal step
+        paused = []
+        for _ in range(steps):
+            policy.begin(None, batch)
+            step += 1
+            paused.append(policy.copies_paused(batch))
+            if not paused[-1]:
+                policy.last_saved = saved
+                policy.judge_copies(spent, batch)
+        return paused
+
+    assert not any(run(saved=0.0005, spent=0.001, steps=SpeedPolicy.COPY_WINDOW - 1))
+    first = run(saved=0.0005, spent=0.001, steps=1 + 8 + SpeedPolicy.COPY_WINDOW)
+    assert first[1:9] == [True] * 8 and not first[9]  # the verdict, then a pause of 8 steps
+    second = run(saved=0.0005, spent=0.001, steps=16)
+    assert second == [True] * 16  # the second verdict against: the pause doubled
+    assert not run(saved=0.0, spent=0.001, steps=1, batch=16)[0]  # the batch halved: lookups at once
+    assert not any(run(saved=0.003, spent=0.001, steps=3 * SpeedPolicy.COPY_WINDOW, batch=16))  # they pay

@@ -52,6 +52,7 @@ from typing import Any
 
 from vllm_dspark.cli import HelpFormatter
 from vllm_dspark.eval.evaluate import default_k, dspark_spec, json_ready, prepare_env
+from vllm_dspark.eval.loop import ClosedLoop, generate_closed_loop, generate_interleaved  # noqa: F401 - re-exported
 from vllm_dspark.eval.prompts import load_prompts
 from vllm_dspark.eval.step_log import attach, format_summary, load, summary
 
@@ -142,62 +143,6 @@ def guard_llvmlite() -> None:
     fntab = getattr(ffi.lib, "_fntab", None)
     if isinstance(fntab, dict):
         fntab.setdefault("__dict__", {})
-
-
-_request_ids = itertools.count()
-
-
-class ClosedLoop:
-    """One engine generating every prompt with at most ``concurrency`` requests in flight: whenever a request
-    finishes, the next prompt is added before the next step. ``run(seconds)`` steps it for a time slice."""
-
-    def __init__(self, llm, prompts: list[dict], params, concurrency: int):
-        self.engine, self.prompts, self.params, self.concurrency = llm.llm_engine, prompts, params, concurrency
-        self.todo = list(range(len(prompts)))[::-1]
-        self.inflight: dict[str, int] = {}
-        self.outputs: list = [None] * len(prompts)
-        self.seconds = 0.0  # wall time spent in run()
-
-    @property
-    def done(self) -> bool:
-        return not (self.todo or self.inflight)
-
-    def run(self, seconds: float = float("inf")) -> None:
-        """Step until done, or until at least ``seconds`` have passed (whole steps)."""
-        t0 = time.perf_counter()
-        while not self.done:
-            while self.todo and len(self.inflight) < self.concurrency:
-                i = self.todo.pop()
-                rid = f"bench{next(_request_ids)}"
-                self.engine.add_request(rid, self.prompts[i], self.params)
-                self.inflight[rid] = i
-            for out in self.engine.step():
-                if out.finished:
-                    self.outputs[self.inflight.pop(out.request_id)] = out
-            if time.perf_counter() - t0 >= seconds:
-                break
-        self.seconds += time.perf_counter() - t0
-
-
-def generate_closed_loop(llm, prompts: list[dict], params, concurrency: int) -> tuple[list, float]:
-    """Generate every prompt with at most ``concurrency`` requests in flight; -> (outputs in prompt order, s)."""
-    loop = ClosedLoop(llm, prompts, params, concurrency)
-    loop.run()
-    return loop.outputs, loop.seconds
-
-
-def generate_interleaved(llms: dict[str, Any], prompts: list[dict], params, concurrency: int,
-                         slice_seconds: float) -> dict[str, tuple[list, float]]:
-    """Each engine's closed loop over the same prompts, the engines taking turns in time slices of
-    ``slice_seconds`` (A B C A B C ...) until all are done: the machine's drift within the run hits every engine
-    alike. -> {name: (outputs in prompt order, seconds that engine ran)}. A paused engine only waits: our proposer
-    does not count the wait as a step's cost (``policy.StepCost``)."""
-    loops = {n: ClosedLoop(llm, prompts, params, concurrency) for n, llm in llms.items()}
-    while not all(loop.done for loop in loops.values()):
-        for loop in loops.values():
-            if not loop.done:
-                loop.run(slice_seconds)
-    return {n: (loop.outputs, loop.seconds) for n, loop in loops.items()}
 
 
 def _tokenizer(target: str):

@@ -86,6 +86,7 @@ class DSparkProposer:
         self._step_start: float | None = None  # when the step in progress started
         self._step: StepReport | None = None  # the step in progress, as timed so far
         self._report: StepReport | None = None  # the step before, complete: for the policy's next decision
+        self._looked = 0.0  # when the step's suffix lookups began (0: none ran)
         self._step_log = open(self.settings.step_log, "a", buffering=1) if self.settings.step_log else None
 
     # ------------------------------------------------------------------ setup
@@ -210,6 +211,7 @@ class DSparkProposer:
                 self._step.drafter, self._step.drafted = seconds, drafted
             self._step.planned = sum(map(len, out))
             self._step.plain = self.adaptive and self.policy.plain_step
+            self._step.looked = bool(self._looked)
         self.stats.draft_seconds += seconds
         metrics.publish(self)
         return out
@@ -227,9 +229,12 @@ class DSparkProposer:
         self.stats.steps += 1
         sources = self.settings.sources
         use_suffix = sources != "drafter" and token_ids_cpu is not None
+        self._looked = 0.0  # when this step's suffix lookups began (0: none ran)
         if self.adaptive:
-            drafter_ok = self.policy.begin(report, len(sampled_token_ids) - len(self._seeds)) > 0
-            use_suffix = use_suffix and not self.policy.plain_step
+            batch = len(sampled_token_ids) - len(self._seeds)
+            drafter_ok = self.policy.begin(report, batch) > 0 and sources != "suffix"
+            # copying pauses on its own verdict (judged on steps the drafter does not run)
+            use_suffix = use_suffix and not self.policy.plain_step and not self.policy.copies_paused(batch)
         else:  # fixed K: the drafter alone, unless it is told to copy only
             drafter_ok, use_suffix = True, sources == "suffix" and use_suffix
         drafter_ok = drafter_ok and sources != "suffix"
@@ -257,6 +262,8 @@ class DSparkProposer:
         seeded = [j for j, i in enumerate(rows) if i in self._seeds]
         if not free and not seeded:
             return 0
+        if use_suffix:
+            self._looked = time.perf_counter()
         copied = self._suffix_drafts(free, rows, caps, temps, num_tokens_no_spec, token_ids_cpu) if use_suffix else {}
         kind = self._sources(free, copied, caps, k, drafter_ok)
         pure = [j for j in free if kind[j] == "drafter"]
@@ -297,6 +304,8 @@ class DSparkProposer:
                                                     runs=len(pure) + len(spliced))
             if self._step is not None:
                 self._step.expected = self.policy.last_expected
+        if self.adaptive and self._looked and not drafted:
+            self.policy.judge_copies(time.perf_counter() - self._looked, len(sampled_token_ids) - len(self._seeds))
         q_rows, at = [], {j: pos for pos, j in enumerate(drafted)}
         for pos, j in enumerate(order):
             i, req_id = rows[j], self._batch_req_ids[rows[j]]

@@ -35,6 +35,7 @@ class StepReport:
     planned: int = 0  # draft tokens handed to the next step's verification
     expected: float = 0.0  # of them, accepted as the policy expected (adaptive mode)
     plain: bool = False  # the policy kept the step plain to measure what not speculating costs
+    looked: bool = False  # suffix lookups ran at its end (for the next step), whether or not they found drafts
 
     @property
     def speculative(self) -> bool:
@@ -159,6 +160,10 @@ class StepCost:
         self.forward[report.tokens > report.batch].observe(report.tokens, report.forward)
         rest = report.period - report.forward - report.drafter
         kind = report.speculative
+        if report.looked and not kind:
+            # Lookups that found nothing to verify are neither kind: fitted in as plain they priced not speculating
+            # above a plain step without them, by their ~1-2% under load (benchmarks/README.md, session 16).
+            return
         usual = self._rest(kind, report.batch)
         if rest > max(self.IDLE_FORWARDS * report.forward, self.IDLE_RESTS * usual) and usual > 0:
             return

@@ -81,6 +81,11 @@ class SpeedPolicy:
     SMALL_BATCH = 2
     SMALL_PAUSE = 64
 
+    # Copying's verdict, from COPY_WINDOW steps whose lookups ran without the drafter: the seconds their plans
+    # expected to save against the seconds the lookups and plans took. Where they cost more, lookups pause like
+    # the drafter (DraftPause: doubling, ended by the batch halving).
+    COPY_WINDOW = 16
+
     # Pseudo-counts pulling a position's trust towards the position before it (the first: towards 1): a late
     # position is verified rarely, its few outcomes would swing it, and a head's error carries over.
     TRUST_PRIOR = 5.0
@@ -108,6 +113,9 @@ class SpeedPolicy:
         self._seen: dict[int, list[int]] = {}  # batch -> [speculative steps, plain steps, step of the last plain]
         self.plain_step = False  # this step measures what not speculating costs: no drafts from any source
         self.last_expected = 0.0  # accepted drafts the last plan expected (lengths)
+        self.last_saved = 0.0  # seconds the last plan expected to save against not speculating (lengths)
+        self.copy_pause = DraftPause(pause_base, pause_cap)
+        self._copy = [0, 0.0, 0.0]  # this window's [steps, seconds expected saved, seconds spent]
 
     # ------------------------------------------------------------------------------------------------ observe
     def observe(self, report: StepReport) -> None:
@@ -161,6 +169,26 @@ class SpeedPolicy:
         self._probe_left = min(self.PROBE_STEPS, -(-self.PROBE_ROWS // batch))
         self._expect_rows = 0.0  # the probe's blocks alone will say what the drafter expects now
         return 0
+
+    def copies_paused(self, batch: int) -> bool:
+        """Whether this step skips suffix lookups (call after :meth:`begin`)."""
+        return self.copy_pause.active(self.step, batch)
+
+    def judge_copies(self, spent: float, batch: int) -> None:
+        """After a step's lookups without the drafter: ``spent`` seconds they (and the plan) took. Every
+        COPY_WINDOW such steps, copying is paused if its plans expected to save less than that."""
+        window = self._copy
+        window[0] += 1
+        window[1] += self.last_saved
+        window[2] += spent
+        self.last_saved = 0.0
+        if window[0] < self.COPY_WINDOW:
+            return
+        if window[1] < window[2]:
+            self.copy_pause.not_worth_it(self.step + 1, batch)  # from the next step
+        else:
+            self.copy_pause.worth_it()
+        self._copy = [0, 0.0, 0.0]
 
     def _wants_plain(self, batch: int) -> bool:
         spec, plain, last = self._seen.get(batch, (0, 0, 0))
@@ -222,6 +250,11 @@ class SpeedPolicy:
             if theta > top:
                 top, best_n = theta, n
         codes[order[:best_n]] = codes_if[order[:best_n]]
+        if best_n == 0 and not lengths.any():
+            # no copies, and the drafter alone does not pay at this load: the verdict begin() would give, had the
+            # drafter drafted before (without it the drafter was offered, and ranked out, at every step)
+            grow_to = self.SMALL_PAUSE if batch <= self.SMALL_BATCH else None
+            self.pause.not_worth_it(self.step + 1, batch, grow_to)
         return codes
 
     def lengths(self, survival, caps, batch: int, drafted: int | None = None, runs: int | None = None) -> list[int]:
@@ -239,9 +272,14 @@ class SpeedPolicy:
         # The batch's other requests (no drafts to plan) run in the same step, a token each: the plan prices
         # the whole step (without them a few copied drafts looked cheap under load: a step of their rows alone).
         others = max(0, batch - planned.shape[0])
-        lengths = plan_block_lengths(np.vstack([planned, np.zeros((others, planned.shape[1]))]), rate,
-                                     np.concatenate([np.asarray(caps, dtype=np.int64), np.zeros(others, np.int64)]),
-                                     scan=True).lengths[:planned.shape[0]]
+        plan = plan_block_lengths(np.vstack([planned, np.zeros((others, planned.shape[1]))]), rate,
+                                  np.concatenate([np.asarray(caps, dtype=np.int64), np.zeros(others, np.int64)]),
+                                  scan=True)
+        lengths = plan.lengths[:planned.shape[0]]
+        # its expected tokens at the plan's rate, against a plain step's (no drafts, no drafter) rate
+        plain = batch * self.cost.steps_per_second(batch, drafted=0)(batch) if batch else 0.0
+        self.last_saved = max(0.0, plan.expected_tokens / plain - plan.expected_tokens / plan.throughput) \
+            if plain > 0 and plan.throughput > 0 else 0.0
         # the drafts these lengths are expected to have accepted (the step log compares it with what was)
         self.last_expected = float((planned * (np.arange(planned.shape[1])[None, :] < lengths[:, None])).sum())
         if rows:
