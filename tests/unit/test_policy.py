@@ -281,3 +281,18 @@ def test_copying_pauses_when_its_lookups_cost_more_than_its_plans_expect_to_save
     assert second == [True] * 16  # the second verdict against: the pause doubled
     assert not run(saved=0.0, spent=0.001, steps=1, batch=16)[0]  # the batch halved: lookups at once
     assert not any(run(saved=0.003, spent=0.001, steps=3 * SpeedPolicy.COPY_WINDOW, batch=16))  # they pay
+
+
+def test_copies_in_bursts_keep_lookups_on():
+    """One request whose text repeats now and then: most windows find nothing, but what the bursts save outweighs
+    the lookups by far (the verdict weighs a long horizon, not the last window)."""
+    policy = SpeedPolicy(k=7)
+    paused = 0
+    for i in range(2000):
+        policy.begin(None, 1)
+        if policy.copies_paused(1):
+            paused += 1
+            continue
+        policy.last_saved = 0.05 if i % 100 < 3 else 0.0  # a loop every 100 steps: 3 steps copy, saving 50 ms
+        policy.judge_copies(0.0001, 1)
+    assert paused == 0

@@ -81,10 +81,13 @@ class SpeedPolicy:
     SMALL_BATCH = 2
     SMALL_PAUSE = 64
 
-    # Copying's verdict, from COPY_WINDOW steps whose lookups ran without the drafter: the seconds their plans
-    # expected to save against the seconds the lookups and plans took. Where they cost more, lookups pause like
-    # the drafter (DraftPause: doubling, ended by the batch halving).
+    # Copying's verdict, every COPY_WINDOW steps whose lookups ran without the drafter: the seconds their plans
+    # expected to save against the seconds the lookups and plans took, as EMAs over ~COPY_HORIZON such steps per
+    # batch-size octave (copies come in bursts: one window without any says little). Where lookups cost more,
+    # they pause like the drafter (DraftPause: doubling, at most SMALL_PAUSE for small batches, ended by the batch
+    # halving).
     COPY_WINDOW = 16
+    COPY_HORIZON = 256.0
 
     # Pseudo-counts pulling a position's trust towards the position before it (the first: towards 1): a late
     # position is verified rarely, its few outcomes would swing it, and a head's error carries over.
@@ -115,7 +118,7 @@ class SpeedPolicy:
         self.last_expected = 0.0  # accepted drafts the last plan expected (lengths)
         self.last_saved = 0.0  # seconds the last plan expected to save against not speculating (lengths)
         self.copy_pause = DraftPause(pause_base, pause_cap)
-        self._copy = [0, 0.0, 0.0]  # this window's [steps, seconds expected saved, seconds spent]
+        self._copy: dict[int, list] = {}  # batch octave -> [steps judged, EMA seconds saved, EMA seconds spent]
 
     # ------------------------------------------------------------------------------------------------ observe
     def observe(self, report: StepReport) -> None:
@@ -175,20 +178,21 @@ class SpeedPolicy:
         return self.copy_pause.active(self.step, batch)
 
     def judge_copies(self, spent: float, batch: int) -> None:
-        """After a step's lookups without the drafter: ``spent`` seconds they (and the plan) took. Every
-        COPY_WINDOW such steps, copying is paused if its plans expected to save less than that."""
-        window = self._copy
-        window[0] += 1
-        window[1] += self.last_saved
-        window[2] += spent
+        """After a step's lookups without the drafter: ``spent`` seconds they (and the plan) took, against
+        :attr:`last_saved` (0 when nothing was planned)."""
+        ema = self._copy.setdefault(max(1, batch).bit_length(), [0, 0.0, 0.0])
+        w = max(1.0 / self.COPY_HORIZON, 1.0 / (ema[0] + 1))
+        ema[0] += 1
+        ema[1] += w * (self.last_saved - ema[1])
+        ema[2] += w * (spent - ema[2])
         self.last_saved = 0.0
-        if window[0] < self.COPY_WINDOW:
+        if ema[0] % self.COPY_WINDOW:
             return
-        if window[1] < window[2]:
-            self.copy_pause.not_worth_it(self.step + 1, batch)  # from the next step
+        if ema[1] < ema[2]:
+            grow_to = self.SMALL_PAUSE if batch <= self.SMALL_BATCH else None
+            self.copy_pause.not_worth_it(self.step + 1, batch, grow_to)  # from the next step
         else:
             self.copy_pause.worth_it()
-        self._copy = [0, 0.0, 0.0]
 
     def _wants_plain(self, batch: int) -> bool:
         spec, plain, last = self._seen.get(batch, (0, 0, 0))
