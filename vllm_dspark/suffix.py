@@ -137,24 +137,33 @@ class SuffixCalibration:
 
     def __init__(self, prior: float = 4.0, decay: float = 0.999):
         self.prior, self.decay = prior, decay
-        shape = (len(self.RATIO) + 1, len(self.SUPPORT) + 1, len(self.MATCH) + 1, len(self.DEPTH) + 1, 2)
-        self.accepted, self.drafted = np.zeros(shape), np.zeros(shape)
-        self._lists = None  # (accepted, drafted) as nested lists for per-token reads; None after an update
+        self.shape = (len(self.RATIO) + 1, len(self.SUPPORT) + 1, len(self.MATCH) + 1, len(self.DEPTH) + 1, 2)
+        self._strides = [int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape))]
+        # Flat Python lists, read and written a few cells per draft (numpy's per-call cost was most of a lookup's).
+        # Decay is lazy: true count = stored * scale; each observation divides its increments by the scale.
+        size = int(np.prod(self.shape))
+        self._acc, self._dra = [0.0] * size, [0.0] * size
+        self._scale = 1.0
 
-    def bins(self, draft: SuffixDraft) -> list[tuple[int, ...]]:
-        m = bisect_left(self.MATCH, draft.match)  # bisect, not numpy: a handful of scalars per draft, every step
-        return [(bisect_left(self.RATIO, r), bisect_left(self.SUPPORT, s), m, bisect_left(self.DEPTH, d + 1),
-                 int(draft.sampled)) for d, (r, s) in enumerate(zip(draft.ratio, draft.support))]
+    @property
+    def accepted(self) -> np.ndarray:
+        return np.array(self._acc).reshape(self.shape) * self._scale
+
+    @property
+    def drafted(self) -> np.ndarray:
+        return np.array(self._dra).reshape(self.shape) * self._scale
+
+    def bins(self, draft: SuffixDraft) -> list[int]:
+        """Per token of ``draft``: its flat bin index."""
+        si, sj, sm, sd, _ = self._strides
+        m = bisect_left(self.MATCH, draft.match) * sm + int(draft.sampled)
+        return [bisect_left(self.RATIO, r) * si + bisect_left(self.SUPPORT, s) * sj + m + bisect_left(self.DEPTH, d + 1)
+                * sd for d, (r, s) in enumerate(zip(draft.ratio, draft.support))]
 
     def conditional(self, draft: SuffixDraft) -> np.ndarray:
-        # per token in Python: numpy's per-call overhead on a handful of values is most of a lookup's cost
-        if self._lists is None:
-            self._lists = (self.accepted.tolist(), self.drafted.tolist())
-        acc, dra = self._lists
-        prior, out = self.prior, []
-        for (i, j, m, d, t), r, s in zip(self.bins(draft), draft.ratio, draft.support):
-            out.append((acc[i][j][m][d][t] + prior * r * s / (s + 1.0)) / (dra[i][j][m][d][t] + prior))
-        return np.array(out)
+        acc, dra, scale, prior = self._acc, self._dra, self._scale, self.prior
+        return np.array([(acc[b] * scale + prior * r * s / (s + 1.0)) / (dra[b] * scale + prior)
+                         for b, r, s in zip(self.bins(draft), draft.ratio, draft.support)])
 
     def survival(self, draft: SuffixDraft) -> np.ndarray:
         """[len(draft.tokens)] probability that each draft token and all before it are accepted."""
@@ -165,14 +174,16 @@ class SuffixCalibration:
         reached = min(verified, accepted + 1)
         if reached <= 0:
             return
-        b = tuple(np.array(self.bins(draft)[:reached]).T)
-        self._lists = None
-        self.accepted *= self.decay
-        self.drafted *= self.decay
-        np.add.at(self.drafted, b, 1.0)
-        hit = np.zeros(reached)
-        hit[:min(accepted, reached)] = 1.0
-        np.add.at(self.accepted, b, hit)
+        self._scale *= self.decay  # every count decays once per observation
+        if self._scale < 1e-150:  # fold the scale into the counts before it underflows
+            self._acc = [x * self._scale for x in self._acc]
+            self._dra = [x * self._scale for x in self._dra]
+            self._scale = 1.0
+        unit = 1.0 / self._scale
+        for d, b in enumerate(self.bins(draft)[:reached]):
+            self._dra[b] += unit
+            if d < accepted:
+                self._acc[b] += unit
 
 
 class _Own:

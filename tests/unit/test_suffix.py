@@ -122,3 +122,30 @@ def test_survival_ranks_a_long_match_with_support_above_a_lucky_bigram():
 def test_depth_below_two_is_refused():
     with pytest.raises(ValueError, match=r"depth=1: expected >= 2"):
         SuffixDrafter(depth=1)
+
+
+def test_calibration_decay_matches_decaying_every_count_at_each_observation():
+    """The lazy decay (one scale for all counts) against the plain rule: every count times ``decay``, then the
+    observation added, kept here in numpy arrays indexed like the bins."""
+    rng = np.random.default_rng(5)
+    cal = SuffixCalibration(prior=2.0, decay=0.9)
+    shape = (len(cal.RATIO) + 1, len(cal.SUPPORT) + 1, len(cal.MATCH) + 1, len(cal.DEPTH) + 1, 2)
+    acc, dra = np.zeros(shape), np.zeros(shape)
+    from bisect import bisect_left
+    for _ in range(300):
+        n = int(rng.integers(1, 6))
+        d = _draft(rng.uniform(0.3, 1.0, n).tolist(), rng.integers(1, 9, n).tolist(), match=int(rng.integers(2, 12)),
+                   sampled=bool(rng.integers(0, 2)))
+        verified, accepted = int(rng.integers(0, n + 1)), int(rng.integers(0, n + 1))
+        cal.observe(d, verified, accepted)
+        reached = min(verified, accepted + 1)
+        if reached <= 0:
+            continue
+        acc, dra = acc * 0.9, dra * 0.9
+        for pos in range(reached):
+            b = (bisect_left(cal.RATIO, d.ratio[pos]), bisect_left(cal.SUPPORT, d.support[pos]),
+                 bisect_left(cal.MATCH, d.match), bisect_left(cal.DEPTH, pos + 1), int(d.sampled))
+            dra[b] += 1
+            acc[b] += pos < accepted
+    np.testing.assert_allclose(cal.drafted, dra, atol=1e-9)
+    np.testing.assert_allclose(cal.accepted, acc, atol=1e-9)

@@ -62,10 +62,12 @@ class LinearCost:
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.count = 0
         self.measured: dict[int, tuple[float, int]] = {}  # x -> (EMA of y, observations)
+        self._fit: tuple[float, float] | None = None  # coefficients() until the next observation
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         if num_tokens <= 0 or not (seconds > 0 and math.isfinite(seconds)):
             return
+        self._fit = None
         if num_tokens < self.MEASURED_MAX:
             old, seen = self.measured.get(num_tokens, (seconds, 0))
             alpha = max(self.MEASURED_ALPHA, 1.0 / (seen + 1))  # a plain mean of the first few
@@ -76,7 +78,12 @@ class LinearCost:
         self.count += 1
 
     def coefficients(self) -> tuple[float, float]:
-        """(a, b): seconds per step and per token."""
+        """(a, b): seconds per step and per token (solved once per observation: the plans ask many times)."""
+        if self._fit is None:
+            self._fit = self._solve()
+        return self._fit
+
+    def _solve(self) -> tuple[float, float]:
         if self.n == 0:
             return 1.0, 1.0 / self.overhead_tokens  # no data: only the shape matters to the policy
         mx, my = self.sx / self.n, self.sy / self.n
