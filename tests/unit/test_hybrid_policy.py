@@ -145,16 +145,3 @@ def test_ranked_out_with_no_copies_is_a_verdict_against_the_drafter():
     dear.pause.worth_it()
     dear.sources(copies, lengths, [4] * 32, batch=32)
     assert not dear.pause.active(dear.step + 1, 32)
-
-
-def test_a_probe_runs_the_drafter_where_the_ranking_would_not():
-    """A probe (or a drafter that never drafted) must draft: the ranking uses what the drafter expected when it
-    last drafted, and would otherwise keep it out, and stale, for good (the drafter alone never drafted again)."""
-    rows, none = np.zeros((32, 4)), np.zeros(32, dtype=int)
-    p = policy(4, FakeCost(b=0.02, c=0.5, d=0.5), np.cumprod([0.5] * 4))
-    assert p.sources(rows, none, [4] * 32, batch=32).tolist() == [0] * 32
-    p.pause.worth_it()
-    p.trying = True
-    codes = p.sources(rows, none, [4] * 32, batch=32)
-    assert (codes == 1).sum() == SpeedPolicy.PROBE_ROWS and (codes[SpeedPolicy.PROBE_ROWS:] == 0).all()
-    assert not p.pause.active(p.step + 1, 32)  # a probe is no verdict

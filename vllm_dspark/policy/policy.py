@@ -112,9 +112,6 @@ class SpeedPolicy:
         self._counting: dict[int, np.ndarray] = {}
         self.step = 0
         self._probe_left = 0
-        # this step must run the drafter where it adds anything (a probe, or nothing drafted yet): what it expects
-        # moves only while it drafts, and a ranking on stale or guessed expectations would never let it
-        self.trying = False
         self._plain_until = 0
         self._seen: dict[int, list[int]] = {}  # batch -> [speculative steps, plain steps, step of the last plain]
         self.plain_step = False  # this step measures what not speculating costs: no drafts from any source
@@ -154,7 +151,6 @@ class SpeedPolicy:
         if report is not None:
             self.observe(report)
         self.step += 1
-        self.trying = False
         self.plain_step = batch > 0 and (self.step < self._plain_until or self._wants_plain(batch))
         if self.plain_step and self.step >= self._plain_until:
             self._plain_until = self.step + self.PLAIN_STEPS
@@ -164,10 +160,8 @@ class SpeedPolicy:
             return 0
         if self._probe_left > 0:
             self._probe_left -= 1
-            self.trying = True
             return self.k
         if len(self.cost) < self.WARMUP_STEPS or self.expected is None:
-            self.trying = self.expected is None
             return self.k
         gain = self.gain(batch)
         if gain > 1.0:
@@ -259,8 +253,6 @@ class SpeedPolicy:
                                        scan=True).throughput
             if theta > top:
                 top, best_n = theta, n
-        if self.trying:
-            best_n = max(best_n, min(positive, max(1, self.PROBE_ROWS)))
         codes[order[:best_n]] = codes_if[order[:best_n]]
         if best_n == 0 and not lengths.any():
             # no copies, and the drafter alone does not pay at this load: the verdict begin() would give, had the
