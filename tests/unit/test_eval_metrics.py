@@ -217,7 +217,7 @@ def test_bench_ratios_pair_each_round_with_its_own_baseline_cell():
 
     args = argparse.Namespace(target="t", drafter="d", ablation=None, prompts="mtbench", num_prompts=8, max_tokens=8,
                               rounds=3, dtype="float32", max_model_len=256, kv_cache_gib=1, seed=0, rebuild=False,
-                              interleave="slices", slice_seconds=1.0)
+                              interleave="slices", slice_seconds=1.0, ramp=False)
 
     def cell(rate):
         return {"tokens_per_s": rate, "seconds": 1.0, "generated": 8, "spec": None}
@@ -299,3 +299,42 @@ def test_plots_show_counts_mark_empty_positions_and_say_what_was_measured(tmp_pa
     axes = [ax for ax in figures[-1].axes if ax.get_visible()]
     assert axes[0].get_title() == "position 1: n=3, 2 accepted\nECE raw 0.167"
     assert axes[1].get_title() == "position 2: n=0" and "no data" in _figure_texts(figures[-1])
+
+
+def test_ramped_closed_loop_admits_one_request_per_step_and_traces_each_step():
+    """ramp: the first c requests join over c steps (not at once), later ones as slots free, one per step; the
+    trace has every step's requests in flight, joiners and tokens gained."""
+    import types
+
+    from vllm_dspark.eval.loop import ClosedLoop
+
+    class Engine:
+        def __init__(self):
+            self.live, self.joined, self.step_joins = {}, 0, []
+
+        def add_request(self, rid, prompt, params):
+            self.live[rid] = [prompt["steps"], 0]
+            self.joined += 1
+
+        def step(self):
+            self.step_joins.append(self.joined)
+            self.joined = 0
+            out = []
+            for rid, state in list(self.live.items()):
+                state[0] -= 1
+                state[1] += 1
+                done = state[0] == 0
+                if done:
+                    del self.live[rid]
+                out.append(types.SimpleNamespace(request_id=rid, finished=done, outputs=[
+                    types.SimpleNamespace(token_ids=[0] * state[1])]))
+            return out
+
+    prompts = [{"steps": 3}] * 6
+    for ramp, joins in ((False, [3, 0, 0, 3, 0, 0]), (True, [1, 1, 1, 1, 1, 1, 0, 0])):
+        engine = Engine()
+        loop = ClosedLoop(types.SimpleNamespace(llm_engine=engine), prompts, None, 3, ramp=ramp, trace=True)
+        loop.run()
+        assert engine.step_joins == joins and all(o is not None for o in loop.outputs)
+        assert [s[2] for s in loop.steps] == joins and sum(s[3] for s in loop.steps) == 6 * 3
+        assert max(s[1] for s in loop.steps) == 3

@@ -199,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="slices: a round's methods run together, taking turns in time slices (drift cancels "
                          "within the run); cells: each method's run in turn")
     ap.add_argument("--slice-seconds", type=float, default=1.0, help="time slice with --interleave slices")
+    ap.add_argument("--ramp", action="store_true",
+                    help="requests join one per engine step (the first c spread over c steps): no engine moves in "
+                         "lockstep waves, as on a server at steady state (default: the first c join at once)")
     ap.add_argument("--rebuild", action="store_true",
                     help="build each engine per cell (when all do not fit; implies --interleave cells)")
     ap.add_argument("--out", required=True, help="output folder (report.json, PNGs)")
@@ -274,7 +277,7 @@ def main(argv: list[str]) -> int:
             for n in order:
                 forget_outputs(engines[n])
             results = generate_interleaved({n: engines[n] for n in order}, token_prompts[: cell_prompts(args, c)],
-                                           params, c, args.slice_seconds)
+                                           params, c, args.slice_seconds, ramp=args.ramp)
             for n in names:
                 record(r, c, n, *results[n])
     else:
@@ -282,7 +285,8 @@ def main(argv: list[str]) -> int:
         for r, c, n in tqdm(cells, desc="bench cells (round, concurrency, method)"):
             llm = engine(n)
             forget_outputs(llm)
-            record(r, c, n, *generate_closed_loop(llm, token_prompts[: cell_prompts(args, c)], params, c))
+            record(r, c, n, *generate_closed_loop(llm, token_prompts[: cell_prompts(args, c)], params, c,
+                                                  ramp=args.ramp))
             if args.rebuild:
                 del llm
                 engines.pop(n)
@@ -363,7 +367,8 @@ def _report(args, argv, names, specs, conc, samples, mismatches) -> dict:
                    "methods": specs, "concurrency": conc, "prompts": args.prompts, "num_prompts": args.num_prompts,
                    "max_tokens": args.max_tokens, "rounds": args.rounds, "dtype": args.dtype,
                    "max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib, "seed": args.seed,
-                   "concurrency_mode": "closed loop: at most c requests in flight, next prompt added on finish",
+                   "concurrency_mode": "closed loop: at most c requests in flight, next prompt added on finish"
+                                       + (", at most one joining per step" if args.ramp else ""),
                    "order": ("for round, for concurrency: the methods' closed loops together, taking turns in "
                              f"time slices of {args.slice_seconds} s" if args.interleave == "slices" else
                              "for round, for concurrency, for method (cells in turn)")
