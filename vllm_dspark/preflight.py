@@ -44,6 +44,10 @@ def check_dspark(additional_config: Any, num_speculative_tokens: Any, target: Ma
     if target is not None:
         cfg.check_target(target)
     cfg.check_num_speculative_tokens(num_speculative_tokens, copying=settings.sources != "drafter")
+    if settings.suffix_corpus:
+        from .corpus import corpus_files
+
+        corpus_files(settings.suffix_corpus)
     if weights:
         from .checkpoint import read_weights, validate_weights
 

@@ -50,6 +50,9 @@ class DSparkSettings:
     sources: str = "hybrid"
     # Tokens of recent finished outputs kept for suffix drafts (the oldest half goes when full).
     suffix_cache_tokens: int = 1 << 18
+    # Text the target wrote before, copied from like recent outputs but never evicted (vllm_dspark.corpus):
+    # comma-separated .jsonl / .jsonl.gz conversations or .txt files, or directories of them (empty: none).
+    suffix_corpus: str = ""
     # Keep every proposal (request, anchor position, anchor, drafts) in ``proposer.records``: for tests and
     # debugging only (grows without bound).
     record: bool = False
@@ -147,6 +150,7 @@ RULES: dict[str, Int | Bool | Choice | Text | Str] = {
     "probe_interval_max": Int(min=1),
     "sources": Choice("hybrid", "drafter", "suffix"),
     "suffix_cache_tokens": Int(min=0),
+    "suffix_corpus": Str(),
     "record": Bool(),
     "step_log": Str(),
 }
@@ -173,6 +177,7 @@ HELP: dict[str, str] = {
     "prefix_cache_mb": "memory for drafter context kept per prefix-cache block",
     "sources": "hybrid = per request a suffix draft (copied), the drafter or both, as pays best; drafter; suffix",
     "suffix_cache_tokens": "tokens of recent finished outputs kept for suffix drafts",
+    "suffix_corpus": "the target's earlier answers (.jsonl[.gz] conversations, .txt, or directories) to copy from",
     "record": "keep every proposal and round in memory (tests, eval; grows without bound)",
     "step_log": "append a JSON line per engine step to this file (python -m vllm_dspark.eval.step_log FILE)",
 }

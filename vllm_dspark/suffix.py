@@ -19,6 +19,8 @@ import numpy as np
 __all__ = ["SuffixCalibration", "SuffixDraft", "SuffixDrafter", "TokenIndex"]
 
 SEP = -1  # between texts in the shared cache: matches nothing, ends every continuation
+OWN, OUTPUTS, CORPUS = "own", "outputs", "corpus"  # where a suffix draft was copied from
+ORIGINS = (OWN, OUTPUTS, CORPUS)
 
 
 class TokenIndex:
@@ -81,9 +83,13 @@ class SuffixDraft:
     ratio: list[float]  # per token: its count / the candidates still agreeing with the draft before it
     support: list[int]  # per token: those candidates
     match: int  # length of the matched suffix
-    shared: bool  # from the shared cache of finished outputs (else the request's own text)
+    origin: str  # OWN (the request's text), OUTPUTS (recent finished outputs) or CORPUS (text loaded at start)
     sampled: bool  # drafted for a request that samples (temperature > 0)
     survival: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [len(tokens)], set by the calibration
+
+    @property
+    def shared(self) -> bool:
+        return self.origin != OWN
 
 
 def walk(index: TokenIndex, starts: list[int], k: int,
@@ -126,8 +132,8 @@ def walk(index: TokenIndex, starts: list[int], k: int,
 class SuffixCalibration:
     """P(suffix draft token accepted | the ones before it accepted), per bin of its statistics, learned online.
 
-    Bins: the token's count ratio, its support, the matched suffix's length, its depth in the draft, and whether
-    the request samples (a copied token is accepted with probability p(x) at temperature > 0, not 0 or 1). Each
+    Bins: the token's count ratio, its support, the matched suffix's length, its depth in the draft, where it was
+    copied from (a request's own text repeats more reliably than other texts), and whether the request samples (a copied token is accepted with probability p(x) at temperature > 0, not 0 or 1). Each
     bin starts at the counts' own estimate, ratio * support / (support + 1), worth ``prior`` observations."""
 
     RATIO = (0.5, 0.8, 0.999)
@@ -137,7 +143,8 @@ class SuffixCalibration:
 
     def __init__(self, prior: float = 4.0, decay: float = 0.999):
         self.prior, self.decay = prior, decay
-        self.shape = (len(self.RATIO) + 1, len(self.SUPPORT) + 1, len(self.MATCH) + 1, len(self.DEPTH) + 1, 2)
+        self.shape = (len(self.RATIO) + 1, len(self.SUPPORT) + 1, len(self.MATCH) + 1, len(self.DEPTH) + 1,
+                      len(ORIGINS), 2)
         self._strides = [int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape))]
         # Flat Python lists, read and written a few cells per draft (numpy's per-call cost was most of a lookup's).
         # Decay is lazy: true count = stored * scale; each observation divides its increments by the scale.
@@ -155,8 +162,8 @@ class SuffixCalibration:
 
     def bins(self, draft: SuffixDraft) -> list[int]:
         """Per token of ``draft``: its flat bin index."""
-        si, sj, sm, sd, _ = self._strides
-        m = bisect_left(self.MATCH, draft.match) * sm + int(draft.sampled)
+        si, sj, sm, sd, so, _ = self._strides
+        m = bisect_left(self.MATCH, draft.match) * sm + ORIGINS.index(draft.origin) * so + int(draft.sampled)
         return [bisect_left(self.RATIO, r) * si + bisect_left(self.SUPPORT, s) * sj + m + bisect_left(self.DEPTH, d + 1)
                 * sd for d, (r, s) in enumerate(zip(draft.ratio, draft.support))]
 
@@ -195,8 +202,9 @@ class _Own:
 
 
 class SuffixDrafter:
-    """Suffix drafts per request, from its own text (indexed as it grows) and a shared cache of recent finished
-    outputs (``cache_tokens`` at most; the oldest half goes when full)."""
+    """Suffix drafts per request, from its own text (indexed as it grows), a shared cache of recent finished
+    outputs (``cache_tokens`` at most; the oldest half goes when full) and a corpus: text the target wrote
+    before, loaded once (:meth:`load_corpus`) and never evicted, as a server's earlier traffic would be."""
 
     def __init__(self, depth: int = 24, cache_tokens: int = 1 << 18, recent: int = 64):
         if depth < 2:
@@ -204,11 +212,20 @@ class SuffixDrafter:
         self.depth, self.cache_tokens, self.recent = depth, cache_tokens, recent
         self.own: dict[str, _Own] = {}
         self.cache = TokenIndex()
+        self.corpus = TokenIndex()
         self.calibration = SuffixCalibration()
 
+    def load_corpus(self, texts) -> None:
+        """Index ``texts`` (token id sequences, each as the target wrote it after its prompt) as the corpus."""
+        flat: list[int] = []
+        for t in texts:
+            flat.append(SEP)
+            flat.extend(t.tolist() if isinstance(t, np.ndarray) else map(int, t))
+        self.corpus.extend(flat)
+
     def propose(self, req_id: str, tokens: np.ndarray, k: int, sampled: bool = False) -> SuffixDraft | None:
-        """The better of the request's own and the shared cache's draft (by expected accepted tokens), with its
-        calibrated survival; None when neither text has the last two tokens before."""
+        """The best of the request's own, the shared cache's and the corpus's draft (by expected accepted tokens),
+        with its calibrated survival; None when no text has the last two tokens before."""
         own = self.own.get(req_id)
         if own is None:
             own = self.own[req_id] = _Own(tokens)
@@ -218,14 +235,14 @@ class SuffixDrafter:
             return None
         pattern = np.asarray(tokens[-self.depth:]).tolist()
         best, best_score = None, 0.0
-        for index, shared in ((own.index, False), (self.cache, True)):
+        for index, origin in ((own.index, OWN), (self.cache, OUTPUTS), (self.corpus, CORPUS)):
             starts, m = index.matches(pattern, self.depth, self.recent)
             if not starts:
                 continue
-            toks, ratio, support = walk(index, starts, k, None if shared else index.n)
+            toks, ratio, support = walk(index, starts, k, index.n if origin == OWN else None)
             if not toks:
                 continue
-            draft = SuffixDraft(toks, ratio, support, m, shared, sampled)
+            draft = SuffixDraft(toks, ratio, support, m, origin, sampled)
             draft.survival = self.calibration.survival(draft)
             score = float(draft.survival.sum())
             if score > best_score:
@@ -236,7 +253,8 @@ class SuffixDrafter:
         self.calibration.observe(draft, verified, accepted)
 
     def forget_outputs(self) -> None:
-        """Empty the shared cache (benchmarks that repeat prompts: an answer seen before drafts itself)."""
+        """Empty the shared cache of outputs, not the corpus (benchmarks that repeat prompts: an answer seen before
+        drafts itself)."""
         self.cache = TokenIndex()
 
     def finish(self, req_id: str) -> None:

@@ -147,6 +147,8 @@ CASES: dict[str, tuple[Callable[[Path, Path], Path], dict, tuple[str, ...]]] = {
     "bad_setting_value": (lambda g, t: g, {"extra": {"mode": "fast"}},
                           ("[\"mode\"]='fast': expected adaptive|fixed",)),
     "missing_path": (lambda g, t: t / "no-such-drafter", {}, ("no-such-drafter': no such directory",)),
+    "missing_suffix_corpus": (lambda g, t: g, {"extra": {"suffix_corpus": "answers.jsonl,no-such-corpus"}},
+                              ('["suffix_corpus"]=\'answers.jsonl,no-such-corpus\'', "'answers.jsonl': no such file")),
     "config_not_json": (lambda g, t: _break_config(_copy(g, t)), {}, ("config.json at", "not valid JSON")),
     "path_is_a_file": (lambda g, t: _copy(g, t) / WEIGHTS_FILE, {}, ("model.safetensors", "a file, not a directory")),
 }

@@ -207,6 +207,41 @@ def test_suffix_drafts_stay_lossless_and_are_counted_by_source(vllm_env, drafter
     _close(llm)
 
 
+def test_drafts_copied_from_a_corpus_of_earlier_answers_stay_lossless(vllm_env, drafters, tmp_path, monkeypatch):
+    """suffix_corpus: the target's answers, written as text to a .jsonl, are tokenized and copied from. Asked
+    again, the requests draft from the corpus from their first decode step on (their own text has no repeat
+    yet), most of it is accepted, and the output is unchanged."""
+    monkeypatch.setenv("VLLM_DSPARK_CACHE", str(tmp_path / "cache"))
+    target, drafter_dir = drafters["qwen3"]
+    prompts = _prompts(3)
+    base = _generate(_llm(target, enable_prefix_caching=False), prompts, max_tokens=32)
+    gc.collect()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(target))
+    with open(tmp_path / "answers.jsonl", "w") as f:
+        for p, o in zip(prompts, base):
+            f.write(json.dumps({"messages": [{"role": "user", "content": p},
+                                             {"role": "assistant", "content": o.outputs[0].text}]}) + "\n")
+    llm = _llm(target, drafter_dir, k=3, enable_prefix_caching=False,
+               extra={"sources": "suffix", "mode": "fixed", "suffix_corpus": str(tmp_path / "answers.jsonl")})
+    spec = _generate(llm, [{"prompt_token_ids": list(o.prompt_token_ids)} for o in base], max_tokens=32)
+    assert [list(o.outputs[0].token_ids) for o in spec] == [list(o.outputs[0].token_ids) for o in base]
+    prop = _proposer(llm)
+    assert prop.suffix.corpus.n == sum(len(tok.encode(o.outputs[0].text, add_special_tokens=False)) + 3 for o in base)
+    corpus = [r for r in prop.records if r["origin"] == "corpus" and r["drafts"]]
+    firsts = {r["req_id"] for r in corpus if r["position"] == len(base[0].prompt_token_ids)}
+    assert len(corpus) >= 6 and firsts  # drafting from the first decode step on
+    from vllm_dspark.integration.compat import external_request_id
+
+    seqs = {o.request_id: list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in spec}
+    right = [r["drafts"][0] == seqs[external_request_id(r["req_id"])][r["position"] + 1] for r in corpus]
+    # the corpus holds these very answers (where answers share a bigram, the most frequent continuation may be
+    # another answer's)
+    assert sum(right) >= 0.6 * len(right)
+    _close(llm)
+
+
 def test_parallel_sampling_children_draft_from_the_shared_prompt(vllm_env, drafters):
     """n > 1: vLLM schedules the children together and serves each one's prompt from the prefix cache, in part
     from blocks another child computes in that very step; every child must still get a complete context."""

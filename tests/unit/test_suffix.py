@@ -83,8 +83,8 @@ def test_finished_outputs_feed_other_requests_and_the_oldest_are_evicted():
     assert newest.tokens == [395, 396] and newest.shared
 
 
-def _draft(ratio, support, match=3, sampled=False):
-    return SuffixDraft([1] * len(ratio), list(ratio), list(support), match, False, sampled)
+def _draft(ratio, support, match=3, sampled=False, origin="own"):
+    return SuffixDraft([1] * len(ratio), list(ratio), list(support), match, origin, sampled)
 
 
 def test_calibration_starts_at_the_counts_and_learns_from_verification():
@@ -129,13 +129,14 @@ def test_calibration_decay_matches_decaying_every_count_at_each_observation():
     observation added, kept here in numpy arrays indexed like the bins."""
     rng = np.random.default_rng(5)
     cal = SuffixCalibration(prior=2.0, decay=0.9)
-    shape = (len(cal.RATIO) + 1, len(cal.SUPPORT) + 1, len(cal.MATCH) + 1, len(cal.DEPTH) + 1, 2)
+    origins = ("own", "outputs", "corpus")
+    shape = (len(cal.RATIO) + 1, len(cal.SUPPORT) + 1, len(cal.MATCH) + 1, len(cal.DEPTH) + 1, len(origins), 2)
     acc, dra = np.zeros(shape), np.zeros(shape)
     from bisect import bisect_left
     for _ in range(300):
         n = int(rng.integers(1, 6))
         d = _draft(rng.uniform(0.3, 1.0, n).tolist(), rng.integers(1, 9, n).tolist(), match=int(rng.integers(2, 12)),
-                   sampled=bool(rng.integers(0, 2)))
+                   sampled=bool(rng.integers(0, 2)), origin=origins[int(rng.integers(0, 3))])
         verified, accepted = int(rng.integers(0, n + 1)), int(rng.integers(0, n + 1))
         cal.observe(d, verified, accepted)
         reached = min(verified, accepted + 1)
@@ -144,7 +145,8 @@ def test_calibration_decay_matches_decaying_every_count_at_each_observation():
         acc, dra = acc * 0.9, dra * 0.9
         for pos in range(reached):
             b = (bisect_left(cal.RATIO, d.ratio[pos]), bisect_left(cal.SUPPORT, d.support[pos]),
-                 bisect_left(cal.MATCH, d.match), bisect_left(cal.DEPTH, pos + 1), int(d.sampled))
+                 bisect_left(cal.MATCH, d.match), bisect_left(cal.DEPTH, pos + 1),
+                 origins.index(d.origin), int(d.sampled))
             dra[b] += 1
             acc[b] += pos < accepted
     np.testing.assert_allclose(cal.drafted, dra, atol=1e-9)

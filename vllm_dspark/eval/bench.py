@@ -69,12 +69,18 @@ def _ngram(args: argparse.Namespace, k: int | None) -> dict:
     return {"speculative_config": dict(NGRAM, num_speculative_tokens=k or NGRAM["num_speculative_tokens"])}
 
 
-def _dspark_from(option: str, **settings: Any) -> Callable[[argparse.Namespace, int | None], dict]:
+def _dspark_from(option: str, corpus: bool = False, **settings: Any
+                 ) -> Callable[[argparse.Namespace, int | None], dict]:
     def build(args: argparse.Namespace, k: int | None) -> dict:
         drafter = getattr(args, option)
         if not drafter:
             raise SystemExit(f"--methods: this method needs --{option.replace('_', '-')} DIR")
-        return dspark_spec(drafter, k or args.k or default_k(drafter), settings=settings)
+        extra = dict(settings)
+        if corpus:
+            if not args.suffix_corpus:
+                raise SystemExit("--methods: the *-corpus methods need --suffix-corpus PATH")
+            extra["suffix_corpus"] = args.suffix_corpus
+        return dspark_spec(drafter, k or args.k or default_k(drafter), settings=extra)
     return build
 
 
@@ -91,6 +97,9 @@ METHODS: dict[str, Callable[[argparse.Namespace, int | None], dict]] = {
     "dspark-drafter": _dspark_from("drafter", sources="drafter"),
     "dspark-suffix": _dspark_from("drafter", sources="suffix"),
     "dspark-suffix-fixed": _dspark_from("drafter", sources="suffix", mode="fixed"),
+    # The same, also copying from --suffix-corpus (the target's earlier answers).
+    "dspark-corpus": _dspark_from("drafter", corpus=True),
+    "dspark-suffix-corpus": _dspark_from("drafter", corpus=True, sources="suffix"),
     # A markov_rank=0 drafter (DFlash-style), alone, same modes.
     "dspark-ablation": _dspark_from("ablation", sources="drafter"),
     "dspark-ablation-adaptive": _dspark_from("ablation", sources="drafter"),
@@ -184,6 +193,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default=None,
                     help="comma-separated, from " + ", ".join(METHODS) + " (+ -kN suffix); default: none,ngram,"
                          "dspark (+ dspark-ablation with --ablation)")
+    ap.add_argument("--suffix-corpus", default="",
+                    help="the target's earlier answers (setting suffix_corpus) for the *-corpus methods, e.g. "
+                         "data/smollm2 for SmolLM2")
     ap.add_argument("--concurrency", default="1,4,16", help="comma-separated maximum requests in flight")
     ap.add_argument("--prompts", default="mtbench", help="mtbench | copy | FILE (turn-1 prompts)")
     ap.add_argument("--num-prompts", type=int, default=16, help="prompts per cell (closed loop)")

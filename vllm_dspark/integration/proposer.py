@@ -27,6 +27,7 @@ from .. import use_vllm_log_handlers
 from ..calibration import CALIBRATION_FILE, load_calibration, survival
 from ..checkpoint import load_drafter, resolve_dtypes
 from ..config import DSparkConfig
+from ..corpus import load_corpus
 from ..context import ContextStore, PrefixCache
 from ..drafting import draft_block, noise_keys
 from ..preflight import check_dspark
@@ -76,6 +77,8 @@ class DSparkProposer:
         # per request with drafts in verification: their source ("drafter", "suffix", "splice") and suffix draft
         self._pending: dict[str, tuple[str, SuffixDraft | None]] = {}
         self.suffix = SuffixDrafter(cache_tokens=self.settings.suffix_cache_tokens)
+        if self.settings.suffix_corpus and self.settings.sources != "drafter":
+            self.suffix.load_corpus(load_corpus(self.settings.suffix_corpus, vllm_config.model_config.tokenizer))
         self.adaptive = self.settings.mode == "adaptive" and self.cfg.enable_confidence_head
         # K may exceed the drafter's block (preflight allows it when copying): past it only copied drafts run on.
         self.draft_k = min(self.num_spec_tokens, self.cfg.max_draft_tokens)
@@ -319,7 +322,8 @@ class DSparkProposer:
                 q_rows.append((req_id, tokens[pos]))
             if self.settings.record:
                 self.records.append({"req_id": req_id, "position": int(num_tokens_no_spec[i]) - 1, "anchor": anchors[j],
-                                     "drafts": out[i], "source": source})
+                                     "drafts": out[i], "source": source,
+                                     "origin": copied[j].origin if source != "drafter" else None})
             self.stats.length_hist[len(out[i])] = self.stats.length_hist.get(len(out[i]), 0) + 1
         self.stats.drafted_requests += len(order)
         if self._step is not None:
