@@ -2,7 +2,9 @@
 
 Prints the acceptance length (tau), the per-position acceptance and decode tokens/s side by side. Uses the
 drafter in drafters/smollm2-135m-dspark (written by scripts/train_smollm2_drafter.sh); without it, an
-untrained drafter is written to ~/.cache/vllm-dspark (lossless, but it accepts almost nothing).
+untrained drafter is written to ~/.cache/vllm-dspark (lossless, but it accepts almost nothing). DSpark also
+copies from SmolLM2's earlier answers in data/smollm2 (setting suffix_corpus), as a server that has answered
+other questions before would.
 
     python examples/demo.py [--num-prompts 6] [--max-tokens 128] [--rounds 2] [--out runs/demo]
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "drafters" / "smollm2-135m-dspark"
+CORPUS = REPO / "data" / "smollm2"  # the target's answers to ShareGPT conversations (MT-Bench excluded)
 
 
 def drafter_dir(target: Path) -> Path:
@@ -51,8 +54,9 @@ def main() -> int:
     print("== acceptance (MT-Bench turn 1, greedy, K = the drafter's block) ==", flush=True)
     evaluate.main(common + ["--drafter", str(drafter), "--out", str(out / "eval")])
     print("\n== speed: no speculation vs DSpark, concurrency 1, interleaved rounds ==", flush=True)
-    bench.main(common + ["--drafter", str(drafter), "--methods", "none,dspark", "--concurrency", "1",
-                         "--rounds", str(args.rounds), "--out", str(out / "bench")])
+    method, corpus = ("dspark-corpus", ["--suffix-corpus", str(CORPUS)]) if CORPUS.is_dir() else ("dspark", [])
+    bench.main(common + ["--drafter", str(drafter), "--methods", f"none,{method}", "--concurrency", "1",
+                         "--rounds", str(args.rounds), "--out", str(out / "bench")] + corpus)
 
     acc = json.loads((out / "eval" / "report.json").read_text())
     speed = json.loads((out / "bench" / "report.json").read_text())
@@ -61,8 +65,8 @@ def main() -> int:
     cond = " ".join(f"{c:.2f}" if c is not None else "-" for c in run["acceptance_conditional"])
     print("\n== SmolLM2-135M-Instruct, float32, this CPU ==")
     print(f"{'':28}{'no speculation':>16}{'DSpark':>12}")
-    print(f"{'decode tokens/s':28}{tps.get('none', float('nan')):>16.1f}{tps.get('dspark', float('nan')):>12.1f}")
-    print(f"{'speedup':28}{'1.00x':>16}{speed['ratios'].get('dspark', {}).get('1', float('nan')):>11.2f}x")
+    print(f"{'decode tokens/s':28}{tps.get('none', float('nan')):>16.1f}{tps.get(method, float('nan')):>12.1f}")
+    print(f"{'speedup':28}{'1.00x':>16}{speed['ratios'].get(method, {}).get('1', float('nan')):>11.2f}x")
     print(f"{'acceptance length tau':28}{'1.00':>16}{run['tau']:>12.2f}")
     print(f"{'acceptance by position':28}{'':>16}  {cond}")
     print(f"{'outputs identical':28}{str(speed.get('outputs_identical')):>16}")

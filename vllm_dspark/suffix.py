@@ -102,15 +102,33 @@ def walk(index: TokenIndex, starts: list[int], k: int,
     draft, ratio, support = [], [], []
     cur = starts
     for d in range(k):
-        toks = []
-        for c in cur:
-            i = c + d
-            if i < n:
-                toks.append(t[i])
-            elif own_end is not None and i - own_end < len(draft):
-                toks.append(draft[i - own_end])
-            else:
-                toks.append(SEP)
+        if len(cur) == 1:  # one candidate left: copy it on (most drafts end as one; the loop below, unrolled)
+            c = cur[0]
+            for i in range(c + d, c + k):
+                if i < n:
+                    x = t[i]
+                elif own_end is not None and i - own_end < len(draft):
+                    x = draft[i - own_end]
+                else:
+                    break
+                if x == SEP:
+                    break
+                draft.append(x)
+                ratio.append(1.0)
+                support.append(1)
+            break
+        if own_end is None:
+            toks = [t[c + d] if c + d < n else SEP for c in cur]
+        else:
+            toks = []
+            for c in cur:
+                i = c + d
+                if i < n:
+                    toks.append(t[i])
+                elif i - own_end < len(draft):
+                    toks.append(draft[i - own_end])
+                else:
+                    toks.append(SEP)
         live = [(c, x) for c, x in zip(cur, toks) if x != SEP]
         if not live:
             break
@@ -206,10 +224,13 @@ class SuffixDrafter:
     outputs (``cache_tokens`` at most; the oldest half goes when full) and a corpus: text the target wrote
     before, loaded once (:meth:`load_corpus`) and never evicted, as a server's earlier traffic would be."""
 
-    def __init__(self, depth: int = 24, cache_tokens: int = 1 << 18, recent: int = 64):
+    def __init__(self, depth: int = 24, cache_tokens: int = 1 << 18, recent: int = 64, corpus_recent: int = 16):
         if depth < 2:
             raise ValueError(f"SuffixDrafter: depth={depth}: expected >= 2 (patterns are matched from bigrams)")
         self.depth, self.cache_tokens, self.recent = depth, cache_tokens, recent
+        # A big corpus has many occurrences of a common bigram: 16 give the same drafts as 64 (SmolLM2, MT-Bench)
+        # at 60% of the lookup time.
+        self.corpus_recent = corpus_recent
         self.own: dict[str, _Own] = {}
         self.cache = TokenIndex()
         self.corpus = TokenIndex()
@@ -235,8 +256,9 @@ class SuffixDrafter:
             return None
         pattern = np.asarray(tokens[-self.depth:]).tolist()
         best, best_score = None, 0.0
-        for index, origin in ((own.index, OWN), (self.cache, OUTPUTS), (self.corpus, CORPUS)):
-            starts, m = index.matches(pattern, self.depth, self.recent)
+        for index, origin, recent in ((own.index, OWN, self.recent), (self.cache, OUTPUTS, self.recent),
+                                      (self.corpus, CORPUS, self.corpus_recent)):
+            starts, m = index.matches(pattern, self.depth, recent)
             if not starts:
                 continue
             toks, ratio, support = walk(index, starts, k, index.n if origin == OWN else None)
