@@ -151,8 +151,9 @@ class SuffixCalibration:
     """P(suffix draft token accepted | the ones before it accepted), per bin of its statistics, learned online.
 
     Bins: the token's count ratio, its support, the matched suffix's length, its depth in the draft, where it was
-    copied from (a request's own text repeats more reliably than other texts), and whether the request samples (a copied token is accepted with probability p(x) at temperature > 0, not 0 or 1). Each
-    bin starts at the counts' own estimate, ratio * support / (support + 1), worth ``prior`` observations."""
+    copied from (a request's own text repeats more reliably than other texts), and whether the request samples (a
+    copied token is accepted with probability p(x) at temperature > 0, not 0 or 1). Each bin starts at the counts'
+    own estimate, ratio * support / (support + 1), worth ``prior`` observations."""
 
     RATIO = (0.5, 0.8, 0.999)
     SUPPORT = (1, 2, 5)

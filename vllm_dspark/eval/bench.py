@@ -29,7 +29,8 @@ Design (what makes the numbers comparable):
 
 Methods are a registry ``name -> engine kwargs`` (:data:`METHODS`): ``none``, ``ngram`` (K=4, lookup 2-4),
 ``dspark`` (plugin defaults: hybrid drafting, load-aware block lengths when the drafter has a confidence head, at
-most K), ``dspark-drafter`` / ``dspark-suffix`` (one source alone: the drafter, or copying), ``dspark-kN`` (the
+most K), ``dspark-drafter`` / ``dspark-suffix`` (one source alone: the drafter, or copying), ``dspark-corpus`` /
+``dspark-suffix-corpus`` (the hybrid / copying, also from ``--suffix-corpus``), ``dspark-kN`` (the
 drafter, always N drafts: fixed K = N), ``dspark-adaptive-kN`` (load-aware with at most N), and the drafter alone
 for the ``--ablation`` drafter (``dspark-ablation``, ``dspark-ablation-kN``). ``ngram-kN`` sets ngram's K.
 E.g. ``--methods none,ngram,dspark,dspark-k3,dspark-k7``. (``dspark-fixed[-kN]`` is kept as an alias of fixed K.)
