@@ -105,13 +105,13 @@ def teacher_forced(texts: list, data: list[dict]) -> tuple[int, int, int, int, C
 
 def main() -> int:
     from vllm_dspark.assets import cache_root, smollm2_path
-    from vllm_dspark.corpus import load_corpus
+    from vllm_dspark.corpus import corpus_tokens
 
     spec = os.environ.get("CORPUS", str(REPO / "data" / "smollm2"))
     cost = float(os.environ.get("COST", "0.086"))
     target = smollm2_path()
     data = answers(target, cache_root() / "suffix-corpus" / "mtbench-turn1-answers.json")
-    texts = load_corpus(spec, str(target))
+    texts = corpus_tokens(spec, str(target))
     print(f"corpus {spec}: {len(texts)} texts; MT-Bench turn 1: {len(data)} answers; verify cost 1 + {cost} per draft")
     print("| corpus tokens | decode steps with a draft | first draft right | tokens per step | modelled speedup |")
     print("|---|---|---|---|---|")

@@ -94,7 +94,7 @@ def cache_dir() -> Path:
     return cache_root() / "suffix-corpus"
 
 
-def load_corpus(spec: str, tokenizer_path: str) -> list[np.ndarray]:
+def corpus_tokens(spec: str, tokenizer_path: str) -> list[np.ndarray]:
     """Token ids of every text in ``spec``, tokenized with the tokenizer at ``tokenizer_path`` (cached)."""
     files = corpus_files(spec)
     key = hashlib.sha256(f"{FORMAT}\0{Path(tokenizer_path).expanduser().resolve()}".encode())

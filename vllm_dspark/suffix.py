@@ -87,10 +87,6 @@ class SuffixDraft:
     sampled: bool  # drafted for a request that samples (temperature > 0)
     survival: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [len(tokens)], set by the calibration
 
-    @property
-    def shared(self) -> bool:
-        return self.origin != OWN
-
 
 def walk(index: TokenIndex, starts: list[int], k: int,
          own_end: int | None = None) -> tuple[list[int], list[float], list[int]]:

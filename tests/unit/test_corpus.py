@@ -10,7 +10,7 @@ import pytest
 
 from tiny_models import build_tiny_tokenizer
 from vllm_dspark.config import DSparkConfigError
-from vllm_dspark.corpus import corpus_files, load_corpus, read_texts
+from vllm_dspark.corpus import corpus_files, corpus_tokens, read_texts
 from vllm_dspark.suffix import CORPUS, OWN, SuffixDrafter
 
 
@@ -49,14 +49,14 @@ def test_corpus_reads_assistant_turns_and_texts_and_tokenizes_them_as_answers(to
     head = tok.encode(rendered, add_special_tokens=False)[-1]  # what a first output token follows
     want = [[head] + tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]
             for t in ("The water was good.", "And the day was long.", "People said the name.")]
-    got = load_corpus(str(d), str(tokenizer_dir))
+    got = corpus_tokens(str(d), str(tokenizer_dir))
     assert [g.tolist() for g in got] == want
 
     # the second load reads the cache: no tokenizer is needed
     def no_tokenizer(*a, **k):
         raise AssertionError("tokenized again")
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_tokenizer)
-    assert [g.tolist() for g in load_corpus(str(d), str(tokenizer_dir))] == want
+    assert [g.tolist() for g in corpus_tokens(str(d), str(tokenizer_dir))] == want
     assert len(list((tmp_path / "cache" / "suffix-corpus").glob("*.npz"))) == 1
 
 
@@ -79,7 +79,7 @@ def test_drafts_copy_from_the_corpus_which_outlives_forgotten_outputs():
     drafter.load_corpus([np.array([5, 6, 7, 8, 9, 10]), [40, 41, 6, 7, 30]])
     # (6, 7) occurred twice, followed by 8 9 10 and by 30 (then the text ends): a tie goes to the newest
     d = drafter.propose("r", np.array([1, 2, 3, 6, 7]), 4)
-    assert (d.tokens, d.ratio, d.support, d.origin, d.shared) == ([30], [0.5], [2], CORPUS, True)
+    assert (d.tokens, d.ratio, d.support, d.origin) == ([30], [0.5], [2], CORPUS)
     # a longer match in the corpus wins over a shorter one
     d = drafter.propose("s", np.array([2, 5, 6, 7]), 3)
     assert (d.tokens, d.match, d.origin) == ([8, 9, 10], 3, CORPUS)

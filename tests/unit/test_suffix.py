@@ -57,7 +57,7 @@ def test_own_text_drafts_match_the_rule_written_out(seed):
 def test_a_loop_drafts_past_the_end_of_the_text():
     text = [1, 2, 3] + [5, 6, 7, 8] * 3 + [5, 6]
     d = SuffixDrafter().propose("r", np.array(text), 7)
-    assert d.tokens == [7, 8, 5, 6, 7, 8, 5] and not d.shared
+    assert d.tokens == [7, 8, 5, 6, 7, 8, 5] and d.origin == "own"
     assert d.match == 10 and d.support == [1] * 7  # the newest period matches longest
     assert SuffixDrafter().propose("r", np.array([1, 2, 3, 4, 5]), 7) is None  # no bigram repeats
 
@@ -70,7 +70,7 @@ def test_finished_outputs_feed_other_requests_and_the_oldest_are_evicted():
     assert "a" not in drafter.own
     assert drafter.cache.tokens == [SEP, 21, 22, 23, 24, 25]  # the output only
     d = drafter.propose("b", np.array([9, 9, 21, 22]), 3)
-    assert (d.tokens, d.shared, d.match) == ([23, 24, 25], True, 2)
+    assert (d.tokens, d.origin, d.match) == ([23, 24, 25], "outputs", 2)
     assert drafter.propose("c", np.array([101, 20]), 3) is None  # prompts do not join the cache
     for r in range(10):  # 10 more outputs of 9 tokens: "a"'s goes
         out = [200 + r] * 2 + list(range(300 + 10 * r, 307 + 10 * r))
@@ -80,7 +80,7 @@ def test_finished_outputs_feed_other_requests_and_the_oldest_are_evicted():
     assert drafter.cache.n <= 64
     assert drafter.propose("d", np.array([7, 21, 22]), 3) is None
     newest = drafter.propose("f", np.array([5, 393, 394]), 2)  # the newest output is kept
-    assert newest.tokens == [395, 396] and newest.shared
+    assert newest.tokens == [395, 396] and newest.origin == "outputs"
 
 
 def _draft(ratio, support, match=3, sampled=False, origin="own"):

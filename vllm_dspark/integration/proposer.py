@@ -27,7 +27,7 @@ from .. import use_vllm_log_handlers
 from ..calibration import CALIBRATION_FILE, load_calibration, survival
 from ..checkpoint import load_drafter, resolve_dtypes
 from ..config import DSparkConfig
-from ..corpus import load_corpus
+from ..corpus import corpus_tokens
 from ..context import ContextStore, PrefixCache
 from ..drafting import draft_block, noise_keys
 from ..preflight import check_dspark
@@ -78,7 +78,7 @@ class DSparkProposer:
         self._pending: dict[str, tuple[str, SuffixDraft | None]] = {}
         self.suffix = SuffixDrafter(cache_tokens=self.settings.suffix_cache_tokens)
         if self.settings.suffix_corpus and self.settings.sources != "drafter":
-            self.suffix.load_corpus(load_corpus(self.settings.suffix_corpus, vllm_config.model_config.tokenizer))
+            self.suffix.load_corpus(corpus_tokens(self.settings.suffix_corpus, vllm_config.model_config.tokenizer))
         self.adaptive = self.settings.mode == "adaptive" and self.cfg.enable_confidence_head
         # K may exceed the drafter's block (preflight allows it when copying): past it only copied drafts run on.
         self.draft_k = min(self.num_spec_tokens, self.cfg.max_draft_tokens)
